@@ -1,0 +1,150 @@
+"""Cross-process behaviour: concurrent writers, followers, the file lock, killed writers."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import plasmite
+from conftest import ROOT
+
+WRITER = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+import plasmite
+with plasmite.Client(sys.argv[2]) as client:
+    pool = client.open_pool("shared")
+    writer = int(sys.argv[3])
+    for number in range(int(sys.argv[4])):
+        pool.append_json(b'{"w": %d, "i": %d}' % (writer, number), ["w%d" % writer])
+"""
+
+FOLLOWER = r"""
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import plasmite
+with plasmite.Client(sys.argv[2]) as client:
+    pool = client.open_pool("shared")
+    total = int(sys.argv[3])
+    seen = []
+    print("ready", flush=True)
+    with pool.open_stream(since_seq=1, timeout_ms=20000) as stream:
+        while len(seen) < total:
+            raw = stream.next_json()
+            if raw is None:
+                break
+            message = plasmite.parse_message(raw)
+            seen.append([message["seq"], message["data"]["w"], message["data"]["i"]])
+        print(json.dumps({"seen": seen, "dropped": stream.dropped_count}), flush=True)
+"""
+
+
+def test_four_writers_two_followers(tmp_path):
+    writers, per_writer = 4, 3000
+    total = writers * per_writer
+    with plasmite.Client(str(tmp_path)) as client:
+        client.create_pool("shared", 16 * 1024 * 1024)
+    followers = [subprocess.Popen([sys.executable, "-c", FOLLOWER, ROOT, str(tmp_path), str(total)],
+                                  stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    for follower in followers:
+        assert follower.stdout.readline().strip() == "ready"
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, ROOT, str(tmp_path), str(w),
+                               str(per_writer)]) for w in range(writers)]
+    for proc in procs:
+        assert proc.wait(timeout=120) == 0
+    for follower in followers:
+        out, _ = follower.communicate(timeout=60)
+        result = json.loads(out.splitlines()[-1])
+        assert result["dropped"] == 0
+        assert [entry[0] for entry in result["seen"]] == list(range(1, total + 1))
+        for writer in range(writers):
+            numbers = [entry[2] for entry in result["seen"] if entry[1] == writer]
+            assert numbers == list(range(per_writer))
+    with plasmite.Client(str(tmp_path)) as client:
+        pool = client.open_pool("shared")
+        assert pool._local().bounds() == (1, total)
+        issues, last_good, _ = plasmite.validate_pool(pool._local())
+        assert issues == [] and last_good == total
+
+
+HOLD_LOCK = r"""
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("locked", flush=True)
+time.sleep(float(sys.argv[2]))
+fcntl.flock(fd, fcntl.LOCK_UN)
+"""
+
+
+def test_append_waits_for_another_process_holding_the_flock(tmp_path):
+    path = str(tmp_path / "locked.plasmite")
+    plasmite.LocalPool.create(path, 64 * 1024).close()
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, path, "0.3"],
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    with plasmite.LocalPool.open(path) as pool:
+        started = time.monotonic()
+        seq, _ = pool.append(plasmite.encode_message([], {"x": 1}))
+        waited = time.monotonic() - started
+    holder.wait(timeout=10)
+    assert seq == 1
+    assert waited >= 0.15  # it blocked on the lock instead of racing the holder
+
+
+def check_pool_after_kill(path, previous_newest):
+    """The invariants a killed writer must leave intact; returns the new newest seq."""
+    with plasmite.LocalPool.open(path) as pool:
+        issues, last_good, _ = plasmite.validate_pool(pool)
+        assert issues == [], issues
+        bounds = pool.bounds()
+        newest = bounds[1] if bounds else pool.read_state()[4]
+        assert newest >= previous_newest
+        if bounds:
+            cursor = pool.cursor(bounds[0])
+            seqs = []
+            while True:
+                frame = cursor.next_frame()
+                if frame is None:
+                    break
+                message = plasmite.message_fields(frame)
+                assert message["data"]["k"] == "v" * (frame.seq % 50)
+                seqs.append(frame.seq)
+            assert seqs == list(range(bounds[0], bounds[1] + 1))
+            assert last_good == bounds[1]
+        seq, _ = pool.append(plasmite.encode_message(["after"], {"k": "v" * ((newest + 1) % 50)}))
+        assert seq == newest + 1
+        return seq
+
+
+def test_writer_killed_at_random_moments(tmp_path):
+    path = str(tmp_path / "crash.plasmite")
+    plasmite.LocalPool.create(path, 48 * 1024, None).close()
+    generator = random.Random(int(os.environ.get("PLASMITE_SEED", "11")))
+    kills = int(os.environ.get("PLASMITE_KILLS", "200"))
+    newest = 0
+    for _ in range(kills):
+        read_fd, write_fd = os.pipe()
+        child = os.fork()
+        if child == 0:  # the writer: append until killed
+            try:
+                os.close(read_fd)
+                pool = plasmite.LocalPool.open(path)
+                os.write(write_fd, b"r")
+                seq = pool.read_state()[4]
+                while True:
+                    seq += 1
+                    pool.append(plasmite.encode_message(["crash"], {"k": "v" * (seq % 50)}))
+            finally:
+                os._exit(0)
+        os.close(write_fd)
+        assert os.read(read_fd, 1) == b"r"
+        os.close(read_fd)
+        time.sleep(generator.random() * 0.01)
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
+        newest = check_pool_after_kill(path, newest)
+    assert newest > kills
