@@ -1792,19 +1792,22 @@ class LocalPool:
         try:
             fd, is_writable = _open_pool_fd(path)
         except OSError as err:
-            message = "not found" if err.errno == errno.ENOENT else None
-            raise error_from_os(err, message, path=path) from err
+            if err.errno == errno.ENOENT:
+                raise PlasmiteError("NotFound", "not found", path=path,
+                                    hint="Check the pool name and directory, or create the pool first.",
+                                    causes=[describe_os_error(err)]) from err
+            raise with_automatic_hint(error_from_os(err, path=path)) from err
         try:
             actual_size = os.fstat(fd).st_size
             header = os.pread(fd, HEADER_SIZE, 0)
             if len(header) < HEADER_SIZE:
-                raise PlasmiteError("Corrupt", "corrupt data", path=path,
+                raise PlasmiteError("Corrupt", "corrupt data", path=path, hint=CORRUPT_HINT,
                                     causes=["failed to fill whole buffer"])
             try:
                 layout = decode_pool_header(header, actual_size)
             except PlasmiteError as err:
                 err.path = path
-                raise
+                raise with_automatic_hint(err)
             mapping = map_pool_file(fd, actual_size, is_writable)
         except OSError as err:
             os.close(fd)
@@ -2974,7 +2977,12 @@ class Pool:
         should_flush = _check_durability(durability)
         timestamp_ns = _check_timestamp(timestamp_ns)
         local = self._local()
-        validate_lite3_message(payload)
+        try:
+            validate_lite3_message(payload)
+        except PlasmiteError as err:
+            err.hint = ("Pass a Lite3 message document ({\"data\": {...}, \"meta\": "
+                        "{\"tags\": [...]}}), such as the payload of get_lite3().")
+            raise
         seq, timestamp_ns = local.append(payload, timestamp_ns, should_flush)
         return dump_json(message_fields(Frame(seq, timestamp_ns, payload))).encode("utf-8")
 

@@ -210,3 +210,28 @@ def test_random_append_sequences_stay_readable(tmp_path):
                 assert pool.get(frame.seq) == frame
             assert seen == list(range(oldest, newest + 1))
             assert cursor.dropped_count == oldest - 1
+
+
+def test_bad_files_give_errors_with_hints(tmp_path):
+    """Not a pool, a truncated pool, a newer format: the right kind, a hint, nothing written."""
+    not_pool = tmp_path / "random.plasmite"
+    not_pool.write_bytes(os.urandom(8192))
+    truncated = tmp_path / "truncated.plasmite"
+    plasmite.LocalPool.create(truncated, 64 * 1024).close()
+    with open(truncated, "r+b") as handle:
+        handle.truncate(10000)
+    newer = tmp_path / "newer.plasmite"
+    plasmite.LocalPool.create(newer, 64 * 1024).close()
+    data = bytearray(newer.read_bytes())
+    data[4:8] = struct.pack("<I", 4)
+    newer.write_bytes(bytes(data))
+    cases = [(not_pool, "Corrupt", "bad magic"), (truncated, "Corrupt", "invalid file size"),
+             (newer, "Usage", "unsupported pool format version 4 (supported: 3)"),
+             (tmp_path / "missing.plasmite", "NotFound", "not found")]
+    for path, kind, message in cases:
+        before = path.read_bytes() if path.exists() else None
+        with pytest.raises(PlasmiteError) as caught:
+            plasmite.LocalPool.open(path)
+        assert (caught.value.kind, caught.value.message) == (kind, message)
+        assert caught.value.hint and caught.value.path == str(path)
+        assert (path.read_bytes() if path.exists() else None) == before
