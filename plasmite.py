@@ -248,8 +248,9 @@ def error_from_os(err: OSError, message=None, *, path=None, hint=None) -> Plasmi
 # =============================================================================
 # 3. Utilities
 # =============================================================================
-# Small pure helpers with no pool knowledge: timestamps in RFC 3339 and JSON
-# text that matches upstream's serde_json output byte for byte.
+# Small pure helpers with no pool knowledge: timestamps in RFC 3339, JSON
+# text that matches upstream's serde_json output byte for byte (plain or
+# coloured), and the CLI's value syntaxes: sizes, durations, --since times.
 
 def format_timestamp(timestamp_ns: int) -> str:
     """Format Unix-epoch nanoseconds as RFC 3339 UTC the way upstream prints ``time``.
@@ -361,6 +362,133 @@ def dump_json(value, pretty: bool = False) -> str:
     out = []
     _write_json_slow(value, 2 if pretty else 0, 0, out)
     return "".join(out)
+
+
+def _write_json_colored(value, depth, out) -> None:
+    """Pretty JSON with upstream's ANSI colours (spec/cli.md 2.3)."""
+    punctuation = "\x1b[90m%s\x1b[0m"
+    if isinstance(value, str):
+        out.append("\x1b[32m%s\x1b[0m" % _encode_json_string(value))
+    elif value is None:
+        out.append("\x1b[90mnull\x1b[0m")
+    elif value is True or value is False:
+        out.append("\x1b[35m%s\x1b[0m" % ("true" if value else "false"))
+    elif isinstance(value, int):
+        out.append("\x1b[33m%s\x1b[0m" % int.__repr__(value))
+    elif isinstance(value, float):
+        out.append("\x1b[33m%s\x1b[0m" % format_json_float(value))
+    else:
+        is_dict = isinstance(value, dict)
+        if not value:
+            out.append(punctuation % ("{}" if is_dict else "[]"))
+            return
+        out.append(punctuation % ("{" if is_dict else "["))
+        inner = "\n" + "  " * (depth + 1)
+        first = True
+        for item in (sorted(value.items()) if is_dict else value):
+            if not first:
+                out.append(punctuation % ",")
+            out.append(inner)
+            first = False
+            if is_dict:
+                out.append("\x1b[36m%s\x1b[0m" % _encode_json_string(item[0]))
+                out.append(punctuation % ":" + " ")
+                item = item[1]
+            _write_json_colored(item, depth + 1, out)
+        out.append("\n" + "  " * depth)
+        out.append(punctuation % ("}" if is_dict else "]"))
+
+
+def render_json(value, pretty: bool, color: bool = False) -> str:
+    """Render a JSON value as upstream prints it: compact, pretty, or pretty and coloured."""
+    if pretty and color:
+        out = []
+        _write_json_colored(value, 0, out)
+        return "".join(out)
+    return dump_json(value, pretty=pretty)
+
+
+SIZE_UNITS = {"": 1, "k": 1024, "m": 1024 ** 2, "g": 1024 ** 3}
+_size_pattern = re.compile(r"([0-9]*)\s*(.*)", re.S).fullmatch
+
+
+def parse_size(text: str) -> int:
+    """Parse a pool size: digits then an optional K/M/G suffix (1024-based), spaces allowed.
+
+    Raises PlasmiteError Usage "invalid size", "invalid size suffix" or
+    "size overflow" (spec/cli.md 5.1).
+    """
+    digits, suffix = _size_pattern(text.strip()).groups()
+    suffix = suffix.strip()
+    if not digits or int(digits) >= 1 << 64:
+        causes = ["number too large to fit in target type"] if digits else [
+            "cannot parse integer from empty string"]
+        raise PlasmiteError("Usage", "invalid size", hint="Use bytes or K/M/G (e.g. 64M).",
+                            causes=causes)
+    if suffix.lower() not in SIZE_UNITS or len(suffix) > 1:
+        raise PlasmiteError("Usage", "invalid size suffix", hint="Use K/M/G (e.g. 64M).")
+    size = int(digits) * SIZE_UNITS[suffix.lower()]
+    if size >= 1 << 64:
+        raise PlasmiteError("Usage", "size overflow", hint="Use a smaller size value.")
+    return size
+
+
+DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
+_duration_pattern = re.compile(r"([0-9]+)(ms|s|m|h)").fullmatch
+
+
+def parse_duration(text: str) -> float:
+    """Parse a duration such as ``50ms``, ``10s``, ``5m``, ``2h`` into seconds.
+
+    Raises PlasmiteError Usage "invalid duration" (spec/cli.md 5.2).
+    """
+    match = _duration_pattern(text.strip())
+    if match is None or int(match.group(1)) >= 1 << 64:
+        raise PlasmiteError("Usage", "invalid duration",
+                            hint="Use a number plus ms|s|m|h (e.g. 10s).")
+    return int(match.group(1)) * DURATION_UNITS[match.group(2)]
+
+
+SINCE_UNITS_NS = {"s": 10 ** 9, "m": 60 * 10 ** 9, "h": 3600 * 10 ** 9, "d": 86400 * 10 ** 9}
+_relative_since_pattern = re.compile(r"([0-9]+)([sSmMhHdD])").fullmatch
+_rfc3339_pattern = re.compile(
+    r"(\d{4})-(\d{2})-(\d{2}).(\d{2}):(\d{2}):(\d{2})(?:\.(\d+))?([Zz]|[+-]\d{2}:\d{2})",
+    re.S).fullmatch
+
+
+def parse_since(text: str, now_ns: int) -> int:
+    """Parse ``--since``: relative (``5m``, ``2h``, ``1d``) or RFC 3339; return epoch ns.
+
+    Relative times count back from ``now_ns`` (not before the epoch).  A
+    time before 1970 is clamped to 0.  Raises PlasmiteError Usage
+    "invalid --since value" (spec/cli.md 5.3).
+    """
+    import calendar
+
+    stripped = text.strip()
+    match = _relative_since_pattern(stripped)
+    if match:
+        return max(now_ns - int(match.group(1)) * SINCE_UNITS_NS[match.group(2).lower()], 0)
+    match = _rfc3339_pattern(stripped)
+    problem = "input is not RFC 3339 (e.g. 2026-02-02T23:45:00Z)"
+    if match:
+        year, month, day, hour, minute, second = (int(part) for part in match.groups()[:6])
+        fraction, zone = match.group(7) or "", match.group(8)
+        zone_minutes = 0
+        if zone not in ("Z", "z"):
+            zone_hours, zone_mins = int(zone[1:3]), int(zone[4:6])
+            zone_minutes = (zone_hours * 60 + zone_mins) * (1 if zone[0] == "+" else -1)
+            if zone_hours > 23 or zone_mins > 59:
+                match = None
+        if match and 1 <= month <= 12 and 1 <= day <= calendar.monthrange(year, month)[1] \
+                and hour <= 23 and minute <= 59 and second <= 60:
+            seconds = calendar.timegm((year, month, day, hour, minute, min(second, 59), 0, 0, 0))
+            nanos = int((fraction + "000000000")[:9])
+            return max((seconds - zone_minutes * 60) * 10 ** 9 + nanos, 0)
+        problem = "input is out of range"
+    raise PlasmiteError("Usage", "invalid --since value",
+                        hint="Use RFC 3339 (2026-02-02T23:45:00Z) or relative like 5m.",
+                        causes=[problem, problem])
 
 
 # =============================================================================
@@ -2707,6 +2835,589 @@ def delete_pool_file(path: str) -> None:
 
 
 # =============================================================================
+# 8. Ingest
+# =============================================================================
+# Turns the bytes `pls poke POOL` reads from stdin in stream mode into JSON records,
+# framed exactly as upstream v0.1.0 frames them (spec/cli.md 7.5): modes auto, jsonl,
+# json, seq and jq, plus the event streams and multi-line JSON that only the auto
+# sniff selects. Uses PlasmiteError, describe_os_error and parse_json_value; the CLI
+# applies --errors stop|skip to what read_records yields and prints the notices.
+
+INGEST_MODES = ("auto", "jsonl", "json", "seq", "jq")
+ERROR_POLICIES = ("stop", "skip")
+SNIFF_MAX_BYTES = 8192  # auto mode decides from at most this much input...
+SNIFF_MAX_LINES = 8  # ...or from the first 8 lines, whichever it reads first (Q9: copied)
+MAX_RECORD_BYTES = 1024 * 1024  # a record longer than this (not equal) is Oversize
+MAX_SNIPPET_BYTES = 200  # longer snippets become their first 197 bytes plus "..."
+
+PARSE_FAILURE_MESSAGE = "invalid json input"
+OVERSIZE_FAILURE_MESSAGE = "record exceeds size limit"
+PARSE_FAILURE_HINT = "Use -e skip to continue or select the correct input mode."
+JQ_FAILURE_HINT = "Use --in jsonl for line-delimited input."
+SKIP_NOTICE_KIND = "ingest_skip"
+SUMMARY_NOTICE_KIND = "ingest_summary"
+SUMMARY_NOTICE_MESSAGE = "ingestion completed with skipped records"
+
+_READ_CHUNK_BYTES = 64 * 1024
+_RECORD_SEPARATOR = b"\x1e"  # RFC 7464 (json-seq) starts each record with RS
+_DATA_FIELD = b"data:"
+# "Whitespace" throughout is JSON's (space, tab, CR, LF): what a JSON parser skips.
+_is_blank = re.compile(rb"[ \t\r\n]*\Z").match
+_starts_container = re.compile(rb"[ \t\r\n]*[\[{]").match
+_skip_whitespace = re.compile(rb"[ \t\r\n]*").match
+# The first non-blank line of an event stream is a field or a comment (spec/cli.md 7.5).
+_starts_event_stream = re.compile(rb"[ \t\r\n]*(?:data|event|id)?:").match
+# Inside a JSON string: everything up to the closing quote, or up to a backslash
+# that ends the text (its escaped byte has not arrived yet).
+_match_string_body = re.compile(rb'(?:[^"\\]+|\\.)*', re.DOTALL).match
+_search_structural = re.compile(rb'["\[\]{}]').search
+# serde_json ends a number or literal at whitespace or one of these delimiters.
+_search_scalar_end = re.compile(rb'[ \t\r\n"\[\]{},:]').search
+_SCALAR_STARTS = b"-0123456789tfn"
+_SELF_DELIMITED_STARTS = b'{["'
+_QUOTE, _BACKSLASH = ord('"'), ord("\\")
+_OPENERS = b"[{"
+_INVALID = object()  # what _parse returns for text that is not JSON (None is JSON null)
+
+
+class IngestRecord(namedtuple("IngestRecord", "index data hint")):
+    """A record that parsed as JSON, ready to append as a message's ``data``.
+
+    ``index`` is the 1-based record counter (failed records count too); ``data`` is
+    the parsed value, which may still be a non-object that the append rejects with
+    "data must be object"; ``hint`` is the hint of the Usage error ``--errors stop``
+    raises if appending this record fails (set only in jq mode, else None).
+    """
+
+    __slots__ = ()
+
+
+class IngestFailure(namedtuple("IngestFailure", "index error_kind message mode line snippet hint")):
+    """A record that could not be taken: a Parse or Oversize failure.
+
+    ``index`` counts records as in IngestRecord; ``error_kind`` is "Parse" or
+    "Oversize" and ``message`` its fixed text; ``mode`` is the mode named in notices
+    (jsonl, json, seq, event; "jq" in jq mode, which never emits notices); ``line`` is
+    the 1-based line number where the mode defines one, else None; ``snippet`` is the
+    record text (lossy UTF-8, never empty), shortened to MAX_SNIPPET_BYTES; ``hint`` is
+    the hint for ``--errors stop``. In jq mode a failure is always the last item yielded.
+    """
+
+    __slots__ = ()
+
+    def to_error(self) -> PlasmiteError:
+        """Return the Usage error with which ``--errors stop`` aborts on this failure."""
+        return PlasmiteError("Usage", self.message, hint=self.hint)
+
+
+def check_stream_options(mode: str, errors: str) -> None:
+    """Reject an ``--in``/``--errors`` pair that upstream refuses before reading stdin.
+
+    Raises PlasmiteError Usage for mode "jq" with errors "skip" (a stream of
+    self-delimited values cannot be resynchronised after a bad one), and ValueError
+    for a mode not in INGEST_MODES or a policy not in ERROR_POLICIES.
+    """
+    if mode not in INGEST_MODES:
+        raise ValueError("unknown ingest mode %r" % (mode,))
+    if errors not in ERROR_POLICIES:
+        raise ValueError("unknown error policy %r" % (errors,))
+    if mode == "jq" and errors == "skip":
+        raise PlasmiteError("Usage", "skip is not supported for jq-style streams",
+                            hint="Use --in jsonl or --in auto for resyncable streams.")
+
+
+def read_records(stream, mode: str = "auto", errors: str = "stop"):
+    """Return an iterator over the records of a binary stream, framed as ``--in mode``.
+
+    ``stream`` is a binary file object (``sys.stdin.buffer``, ``io.BytesIO``);
+    ``mode`` is one of INGEST_MODES and ``errors`` the ``--errors`` policy, which
+    matters only in auto mode (the multi-line resync happens under "skip" alone).
+    The iterator yields IngestRecord and IngestFailure items in input order, each as
+    soon as the input that completes it has been read (in auto mode, after the sniff
+    prefix), so a live pipe is ingested as it arrives; mode "json" reads to EOF first.
+    It holds at most one record plus the sniff prefix: an oversize record is reported
+    when it passes MAX_RECORD_BYTES and the rest of it is read and dropped. Blank
+    input yields nothing. Options are checked now, before anything is read
+    (see check_stream_options); iterating raises PlasmiteError Io "failed to read
+    stdin" if a read fails, and never raises for bad input. Iterating blocks on reads.
+    """
+    check_stream_options(mode, errors)
+    return _generate_records(_available_reader(stream), mode, errors == "skip")
+
+
+def skip_notice_details(failure: IngestFailure, pool_path: str) -> dict:
+    """Return the ``details`` of the ``ingest_skip`` notice for ``failure`` (cli.md 4)."""
+    details = {"mode": failure.mode, "index": failure.index, "error_kind": failure.error_kind,
+               "pool_path": pool_path, "snippet": failure.snippet}
+    if failure.line is not None:
+        details["line"] = failure.line
+    return details
+
+
+def summary_notice_details(total: int, ok: int, failed: int, pool_path: str) -> dict:
+    """Return the ``details`` of the ``ingest_summary`` notice (cli.md 4)."""
+    return {"total": total, "ok": ok, "failed": failed, "pool_path": pool_path}
+
+
+# -- reading -------------------------------------------------------------------
+
+def _available_reader(stream):
+    """Return ``read(size)``: at most ``size`` bytes of what ``stream`` has, b"" at EOF.
+
+    A BufferedReader's ``read(size)`` waits for all ``size`` bytes, which would stall
+    a live pipe (``tail -f log | pls poke pool``); ``read1`` returns what one read of
+    the pipe gives. Raw streams have no ``read1``, and their ``read`` already does that.
+    """
+    read = getattr(stream, "read1", None) or stream.read
+
+    def read_available(size: int) -> bytes:
+        try:
+            return read(size)
+        except OSError as err:
+            raise PlasmiteError("Io", "failed to read stdin",
+                                causes=[describe_os_error(err)]) from err
+    return read_available
+
+
+def _read_chunks(read, prefix: bytes):
+    """Yield ``prefix`` (the bytes the sniff consumed), then chunks from ``read`` to EOF."""
+    if prefix:
+        yield prefix
+    while True:
+        chunk = read(_READ_CHUNK_BYTES)
+        if not chunk:
+            return
+        yield chunk
+
+
+def _read_sniff_prefix(read) -> bytes:
+    """Read until SNIFF_MAX_BYTES bytes, SNIFF_MAX_LINES newlines or EOF; return the bytes.
+
+    Reads never ask for more than the byte limit, so the prefix is at most
+    SNIFF_MAX_BYTES long; how many lines it holds depends on how the input arrives.
+    """
+    prefix = bytearray()
+    while len(prefix) < SNIFF_MAX_BYTES and prefix.count(b"\n") < SNIFF_MAX_LINES:
+        chunk = read(SNIFF_MAX_BYTES - len(prefix))
+        if not chunk:
+            break
+        prefix += chunk
+    return bytes(prefix)
+
+
+def _sniff_mode(prefix: bytes) -> str:
+    """Choose the auto mode's framing: "seq", "event" or "multiline" (cli.md 7.5)."""
+    if _RECORD_SEPARATOR in prefix:
+        return "seq"
+    if _starts_event_stream(prefix):
+        return "event"
+    return "multiline"
+
+
+def _generate_records(read, mode: str, should_resync: bool):
+    """Yield the items of read_records (which has checked the options)."""
+    prefix = b""
+    if mode == "auto":
+        prefix = _read_sniff_prefix(read)
+        mode = _sniff_mode(prefix)
+    chunks = _read_chunks(read, prefix)
+    if mode == "multiline":
+        yield from _read_multiline(chunks, should_resync)
+    else:
+        yield from _MODE_READERS[mode](chunks)
+
+
+def _split_stream(chunks, separator: bytes, max_bytes: int, trailing: bytes = b""):
+    """Split chunks at ``separator``; yield ``(text, ending, is_oversize)`` per piece.
+
+    ``text`` is the piece without the separator and without its final run of
+    ``trailing`` bytes (b"\\r" for lines); ``ending`` is what was cut off, separator
+    included, so ``text + ending`` is the raw piece (a last piece at EOF has no
+    separator; an empty one is not yielded). A piece whose text grows past
+    ``max_bytes`` is yielded at once, flagged oversize, with the part read so far as
+    ``text``; the rest of it is read and dropped. So memory stays near ``max_bytes``
+    plus one chunk however long a piece is. Each piece is yielded once, in order.
+    """
+    pending = bytearray()
+    content_length = 0  # len(pending) without its final run of trailing bytes
+    is_dropping = False  # the current piece was yielded as oversize: skip to its end
+    for chunk in chunks:
+        start = 0
+        while True:
+            end = chunk.find(separator, start)
+            if not is_dropping:
+                part = chunk[start:] if end < 0 else chunk[start:end]
+                kept = part.rstrip(trailing) if trailing else part
+                if kept:
+                    content_length = len(pending) + len(kept)
+                pending += part
+                if content_length > max_bytes:
+                    yield bytes(pending), b"", True
+                    is_dropping = True
+                    pending.clear()
+                    content_length = 0
+                elif len(pending) > max_bytes + 1:
+                    # Only trailing bytes lie past max_bytes. If a content byte follows
+                    # them the piece is oversize whatever their count, so one is enough.
+                    del pending[max_bytes + 1:]
+            if end < 0:
+                break
+            if is_dropping:
+                is_dropping = False
+            else:
+                yield (bytes(pending[:content_length]),
+                       bytes(pending[content_length:]) + separator, False)
+                pending.clear()
+                content_length = 0
+            start = end + 1
+    if pending:
+        yield bytes(pending[:content_length]), bytes(pending[content_length:]), False
+
+
+def _split_lines(chunks, max_bytes: int = MAX_RECORD_BYTES):
+    """Split chunks into lines (see _split_stream); ``text`` lacks trailing CR and LF."""
+    return _split_stream(chunks, b"\n", max_bytes, b"\r")
+
+
+# -- records and failures --------------------------------------------------------
+
+def _parse(text):
+    """Return the JSON value of ``text`` (bytes or str), or _INVALID if it is not JSON."""
+    try:
+        return parse_json_value(text)
+    except PlasmiteError:
+        return _INVALID
+
+
+def _stop_hint(mode: str, error_kind=None):
+    """Return the hint of the error ``--errors stop`` raises (cli.md 7.5).
+
+    In jq mode every failure, append failures included, points to ``--in jsonl``;
+    elsewhere only Parse failures get a hint.
+    """
+    if mode == "jq":
+        return JQ_FAILURE_HINT
+    if error_kind == "Parse":
+        return PARSE_FAILURE_HINT
+    return None
+
+
+def _make_snippet(record) -> str:
+    """Return the notice snippet of ``record`` (bytes-like; lossy UTF-8 like upstream).
+
+    Text of at most MAX_SNIPPET_BYTES UTF-8 bytes is returned whole; longer text is
+    cut to 197 bytes at a character boundary (Q8: upstream slices at byte 197 and
+    panics inside a character) and "..." is added. Only the head is decoded: every
+    input byte decodes to at least one output byte, so 4 spare bytes decide the length.
+    """
+    head = bytes(record[:MAX_SNIPPET_BYTES + 4]).decode("utf-8", "replace")
+    encoded = head.encode("utf-8")
+    if len(encoded) <= MAX_SNIPPET_BYTES:
+        return head
+    return encoded[:MAX_SNIPPET_BYTES - 3].decode("utf-8", "ignore") + "..."
+
+
+def _failure(index: int, error_kind: str, mode: str, line, record) -> IngestFailure:
+    """Build the failure of record ``index``; ``record`` is its (partial) raw text."""
+    message = PARSE_FAILURE_MESSAGE if error_kind == "Parse" else OVERSIZE_FAILURE_MESSAGE
+    return IngestFailure(index, error_kind, message, mode, line, _make_snippet(record),
+                         _stop_hint(mode, error_kind))
+
+
+def _decode(index: int, mode: str, line, record, text=None):
+    """Parse ``text`` (default: ``record``); return an IngestRecord or a Parse failure."""
+    data = _parse(record if text is None else text)
+    if data is _INVALID:
+        return _failure(index, "Parse", mode, line, record)
+    return IngestRecord(index, data, _stop_hint(mode))
+
+
+class _ValueScanner:
+    """Find where a JSON array, object or string that starts a text ends, fed in pieces.
+
+    It follows only what decides the end: bracket depth outside strings and the
+    string/escape state. On valid JSON it finds exactly the closing byte, so text it
+    has not seen close is certainly not JSON yet; on invalid text it may report an
+    end that the parser then rejects. Once it reports an end it must not be fed again.
+    """
+
+    def __init__(self):
+        self.depth = 0
+        self.is_in_string = False
+        self.is_escape_pending = False
+
+    def feed(self, text, position: int):
+        """Scan ``text[position:]`` (the text so far; earlier bytes were fed before).
+
+        Return the offset just past the value's last byte once it closes, else None.
+        """
+        end = len(text)
+        while position < end:
+            if self.is_in_string:
+                if self.is_escape_pending:
+                    self.is_escape_pending = False
+                    position += 1
+                    continue
+                position = _match_string_body(text, position).end()
+                if position == end:
+                    return None
+                if text[position] == _BACKSLASH:
+                    # The text's last byte: it escapes the first byte of the next piece.
+                    self.is_escape_pending = True
+                else:
+                    self.is_in_string = False
+                    if self.depth == 0:
+                        return position + 1
+                position += 1
+            else:
+                match = _search_structural(text, position)
+                if match is None:
+                    return None
+                position = match.end()
+                byte = text[match.start()]
+                if byte == _QUOTE:
+                    self.is_in_string = True
+                elif byte in _OPENERS:
+                    self.depth += 1
+                else:
+                    self.depth -= 1
+                    if self.depth == 0:
+                        return position
+        return None
+
+
+# -- framing, one reader per mode -------------------------------------------------
+
+def _read_jsonl(chunks):
+    """Frame --in jsonl: one record per line; blank lines are skipped and not counted.
+
+    ``line`` is the physical line number (blank lines counted). A line that is
+    whitespace only and also longer than MAX_RECORD_BYTES is Oversize: its length is
+    known before its content is.
+    """
+    index = 0
+    for line_number, (text, _, is_oversize) in enumerate(_split_lines(chunks), 1):
+        if is_oversize:
+            index += 1
+            yield _failure(index, "Oversize", "jsonl", line_number, text)
+        elif not _is_blank(text):
+            index += 1
+            yield _decode(index, "jsonl", line_number, text)
+
+
+def _read_multiline(chunks, should_resync: bool):
+    """Frame auto mode's JSON lines, where one record may span several lines.
+
+    As jsonl, except that a line that does not parse and whose left-trimmed text
+    starts with ``{`` or ``[`` starts a buffer: the following raw lines (endings
+    kept, the first line's dropped, as upstream builds it) are appended until the
+    buffer parses; EOF first gives a Parse failure. The buffer's length is checked
+    before each parse attempt, and ``line`` is where the record started. With
+    ``should_resync`` (``--errors skip``) a line starting with ``{`` or ``[`` fails
+    the buffer and starts the next record itself. Notices call this mode "jsonl".
+
+    Upstream re-parses the whole buffer after every line, which is quadratic on a big
+    pretty-printed document. Here a _ValueScanner says when the top-level value
+    closes: before that no parse can succeed, and after a failed attempt at the close
+    none can (later bytes are whitespace, which changes nothing, or make it invalid).
+    So one parse per record gives the same results.
+    """
+    index = 0
+    pending = None  # the raw text of the record being accumulated
+    pending_index = pending_line = 0
+    scanner = None  # None once the pending value has closed: no parse can succeed
+    for line_number, (text, ending, is_oversize) in enumerate(_split_lines(chunks), 1):
+        if pending is not None:
+            if not (should_resync and _starts_container(text)):
+                if is_oversize or len(pending) + len(text) + len(ending) > MAX_RECORD_BYTES:
+                    yield _failure(pending_index, "Oversize", "jsonl", pending_line,
+                                   bytes(pending) + text)
+                    pending = None
+                    continue
+                start = len(pending)
+                pending += text
+                pending += ending
+                if scanner is not None and scanner.feed(pending, start) is not None:
+                    scanner = None
+                    data = _parse(pending)
+                    if data is not _INVALID:
+                        yield IngestRecord(pending_index, data, None)
+                        pending = None
+                continue
+            yield _failure(pending_index, "Parse", "jsonl", pending_line, pending)
+            pending = None
+        if is_oversize:
+            index += 1
+            yield _failure(index, "Oversize", "jsonl", line_number, text)
+            continue
+        if _is_blank(text):
+            continue
+        index += 1
+        data = _parse(text)
+        if data is not _INVALID:
+            yield IngestRecord(index, data, None)
+        elif _starts_container(text):
+            pending = bytearray(text)
+            pending_index, pending_line = index, line_number
+            scanner = _ValueScanner()
+            if scanner.feed(pending, 0) is not None:
+                scanner = None  # the line's own value closed and failed to parse above
+        else:
+            yield _failure(index, "Parse", "jsonl", line_number, text)
+    if pending is not None:
+        yield _failure(pending_index, "Parse", "jsonl", pending_line, pending)
+
+
+def _read_json(chunks):
+    """Frame --in json: all input is one document (record 1); blank input gives nothing.
+
+    The size limit applies to the whole input and is checked first. Bytes past the
+    limit are counted and dropped, so an oversize input is not held in memory.
+    """
+    document = bytearray()
+    length = 0
+    for chunk in chunks:
+        length += len(chunk)
+        if len(document) <= MAX_RECORD_BYTES:
+            document += chunk
+    if length > MAX_RECORD_BYTES:
+        yield _failure(1, "Oversize", "json", None, document)
+    elif not _is_blank(document):
+        yield _decode(1, "json", None, document)
+
+
+def _read_seq(chunks):
+    """Frame json-seq (--in seq, or auto after an RS byte): records split on 0x1E.
+
+    Blank segments are ignored and not counted; segments are decoded as lossy UTF-8
+    (invalid bytes become U+FFFD) and have no ``line``. A segment that grows past
+    MAX_RECORD_BYTES (raw bytes) fails at once and is skipped up to the next RS.
+    """
+    index = 0
+    for text, _, is_oversize in _split_stream(chunks, _RECORD_SEPARATOR, MAX_RECORD_BYTES):
+        if is_oversize:
+            index += 1
+            yield _failure(index, "Oversize", "seq", None, text)
+        elif not _is_blank(text):
+            index += 1
+            yield _decode(index, "seq", None, text, text.decode("utf-8", "replace"))
+
+
+def _read_event(chunks):
+    """Frame an event stream (auto only): one record per event's ``data:`` lines.
+
+    A ``data:`` line adds its value (one space after the colon removed); comments
+    (``:``), other fields and unknown lines are ignored; an empty line (whitespace
+    is not empty) ends the event, and so does EOF. The data lines, joined with LF,
+    are the record; an event without data, or with blank data, is no record.
+    ``line`` is the ending empty line, or the last line at EOF. The joined length is
+    checked as each data line is added: an oversize event fails at that line and
+    the rest of it is ignored up to its empty line. (Q10: upstream then also drops
+    every later event; this resumes at the next one.)
+    """
+    index = 0
+    data = None  # the current event's joined data lines, once it has one
+    is_dropping = False  # the current event was reported oversize
+    line_number = 0
+    # A data line's value may be MAX_RECORD_BYTES long: allow for "data: " before it.
+    lines = _split_lines(chunks, MAX_RECORD_BYTES + len(_DATA_FIELD) + 1)
+    for line_number, (text, _, is_oversize) in enumerate(lines, 1):
+        if not text:
+            if data is not None and not _is_blank(data):
+                index += 1
+                yield _decode(index, "event", line_number, data)
+            data = None
+            is_dropping = False
+        elif not is_dropping and text.startswith(_DATA_FIELD):
+            value = text[len(_DATA_FIELD):]
+            if value[:1] == b" ":
+                value = value[1:]
+            length = len(value) if data is None else len(data) + 1 + len(value)
+            if is_oversize or length > MAX_RECORD_BYTES:
+                index += 1
+                record = value if data is None else bytes(data) + b"\n" + value
+                yield _failure(index, "Oversize", "event", line_number, record)
+                data = None
+                is_dropping = True
+            elif data is None:
+                data = bytearray(value)
+            else:
+                data += b"\n"
+                data += value
+    if data is not None and not _is_blank(data):
+        index += 1
+        yield _decode(index, "event", line_number, data)
+
+
+def _find_value_end(buffer: bytearray, chunks):
+    """Read chunks into ``buffer`` until the value it starts with is complete.
+
+    Return the value's length, or None when no JSON value starts with its first byte
+    or the input ends inside a string, array or object. A number or literal ends at
+    whitespace, a delimiter or EOF, as serde_json's StreamDeserializer ends it.
+    """
+    first = buffer[0]
+    if first in _SELF_DELIMITED_STARTS:
+        find_end = _ValueScanner().feed
+    elif first in _SCALAR_STARTS:
+        find_end = _find_scalar_end
+    else:
+        return None
+    position = 0
+    while True:
+        end = find_end(buffer, position)
+        if end is not None:
+            return end
+        position = len(buffer)
+        chunk = next(chunks, None)
+        if chunk is None:
+            return len(buffer) if find_end is _find_scalar_end else None
+        buffer += chunk
+
+
+def _find_scalar_end(text, position: int):
+    """Return the offset of the first scalar-ending byte at or after ``position``, or None."""
+    match = _search_scalar_end(text, position)
+    return None if match is None else match.start()
+
+
+def _read_jq(chunks):
+    """Frame --in jq: JSON values separated by whitespace or self-delimited (``{..}{..}``).
+
+    Values are read as serde_json's StreamDeserializer reads them and yielded as soon
+    as complete. The first failure ends the stream: nothing can resynchronise a
+    stream of bare values. Upstream applies no size limit here, so a value is held
+    whole however long it is.
+    """
+    chunks = iter(chunks)
+    buffer = bytearray()
+    index = 0
+    while True:
+        del buffer[:_skip_whitespace(buffer).end()]
+        if not buffer:
+            chunk = next(chunks, None)
+            if chunk is None:
+                return
+            buffer += chunk
+            continue
+        index += 1
+        end = _find_value_end(buffer, chunks)
+        if end is None:
+            yield _failure(index, "Parse", "jq", None, buffer)
+            return
+        value = bytes(buffer[:end])
+        del buffer[:end]
+        item = _decode(index, "jq", None, value)
+        yield item
+        if isinstance(item, IngestFailure):
+            return
+
+
+_MODE_READERS = {"jsonl": _read_jsonl, "json": _read_json, "seq": _read_seq,
+                 "event": _read_event, "jq": _read_jq}
+
+
+# =============================================================================
 # 11. Python API
 # =============================================================================
 # The surface users import, shaped like the official plasmite binding: JSON
@@ -3156,73 +3867,1144 @@ class Client:
 # =============================================================================
 # 12. Command line
 # =============================================================================
-# build_parser() and one cmd_<name>(args) -> int per command.  stdout carries
-# data only; errors go to stderr as a JSON envelope (text on a terminal).
+# build_parser() and one cmd_<name>(args) -> int per command, modelled on
+# upstream's clap CLI: the same commands, flags, outputs, notices and exit
+# codes (spec/cli.md).  stdout carries data only; errors and notices go to
+# stderr as JSON (or as text on a terminal).
 
 PROGRAM_NAME = "plasmite"
+TAGLINE = "Persistent message pools for local IPC"
+MISSING_DATA_HINT = "Provide JSON via DATA, --file, or pipe JSON to stdin."
+
+TOP_LEVEL_HELP = """\
+%(tagline)s
+
+A pool is a file holding a ring buffer of JSON messages. Writers append
+(poke), readers follow (peek); the oldest messages are overwritten when the
+ring is full. Pools live in --dir (default ~/.plasmite/pools).
+
+USAGE
+  plasmite [--dir DIR] [--color auto|always|never] <COMMAND> [ARGS]
+
+COMMANDS
+%(commands)s
+
+OPTIONS
+  --dir <DIR>        Pool directory (default: ~/.plasmite/pools)
+  --color <COLOR>    Colour output: auto, always or never [default: auto]
+  -h, --help         Print help
+  -V, --version      Print version
+
+EXAMPLE
+  plasmite pool create <name>
+  plasmite poke <name> '{"hello": "world"}' --tag greeting
+  plasmite peek <name> --tail 10 --jsonl
+  plasmite pool info <name>
+  plasmite pool list
+  plasmite pool delete <name>...
+
+LEARN MORE
+  plasmite help <COMMAND>    Show the options and examples of one command
+"""
+
+# name -> (one-line description, examples and notes shown at the end of its help)
+COMMAND_TEXTS = {
+    "pool": ("Manage pool files", ""),
+    "pool create": ("Create one or more pools", """\
+EXAMPLES
+  plasmite pool create events
+  plasmite pool create big --size 64M
+  plasmite pool create tiny --size 64K --index-capacity 0
+
+NOTES
+  Sizes take K/M/G suffixes (powers of 1024). An existing pool is never overwritten."""),
+    "pool info": ("Show pool metadata and bounds", """\
+EXAMPLES
+  plasmite pool info events
+  plasmite pool info events --json"""),
+    "pool delete": ("Delete one or more pool files", """\
+EXAMPLES
+  plasmite pool delete events
+  plasmite pool delete a b c"""),
+    "pool list": ("List pools in the pool directory", """\
+EXAMPLES
+  plasmite pool list
+  plasmite --dir ./pools pool list"""),
+    "poke": ("Send a message to a pool", """\
+EXAMPLES
+  plasmite poke events '{"x": 1}' --tag demo
+  plasmite poke events --file message.json
+  tail -f app.log.jsonl | plasmite poke events --errors skip
+  plasmite poke events '{"x": 1}' --create --create-size 8M
+
+NOTES
+  Without DATA or --file, JSON records are read from stdin (JSON lines,
+  pretty JSON, RS-separated JSON seq, or server-sent event data: lines).
+  Each appended message is printed as one JSON line."""),
+    "get": ("Fetch one message by sequence number", """\
+EXAMPLES
+  plasmite get events 42"""),
+    "peek": ("Watch messages from a pool", """\
+EXAMPLES
+  plasmite peek events                      # follow new messages
+  plasmite peek events --tail 10 --jsonl    # last 10, then follow
+  plasmite peek events --since 5m --one
+  plasmite peek events --where '.data.status == "error"' --tag web
+  plasmite peek events --tail 100 --replay 2
+
+NOTES
+  --where takes a jq-style boolean expression over the whole message
+  ({seq, time, meta, data}); several --where and --tag flags must all match.
+  Exits 124 when --timeout passes without output."""),
+    "doctor": ("Diagnose pool health", """\
+EXAMPLES
+  plasmite doctor events
+  plasmite doctor --all"""),
+    "version": ("Print version info as JSON", ""),
+    "completion": ("Generate shell completions", """\
+EXAMPLES
+  plasmite completion bash > /etc/bash_completion.d/plasmite
+  plasmite completion zsh > "${fpath[1]}/_plasmite"
+  plasmite completion fish > ~/.config/fish/completions/plasmite.fish"""),
+    "help": ("Print this message or the help of the given subcommand(s)", ""),
+}
+TOP_LEVEL_ORDER = ["pool", "poke", "get", "peek", "doctor", "version", "completion", "help"]
+COMPLETION_SHELLS = ["bash", "elvish", "fish", "powershell", "zsh"]
+
+
+class ParserFailure(Exception):
+    """An argument error: becomes a Usage error whose hint names the command's --help."""
+
+    def __init__(self, message: str, command_path: str):
+        super().__init__(message)
+        self.message = message
+        self.command_path = command_path
+
+
+class HelpRequested(Exception):
+    """Raised by -h/--help so main() prints help on stdout and exits 0."""
+
+    def __init__(self, text: str):
+        super().__init__(text)
+        self.text = text
+
+
+def _clap_message(message: str) -> str:
+    """Reword an argparse error the way clap words it (spec/cli.md 1.2)."""
+    match = re.match(r"unrecognized arguments: (\S+)", message)
+    if match:
+        return "unexpected argument '%s' found" % match.group(1)
+    match = re.match(r"argument (\S+): invalid choice: '([^']*)'", message)
+    if match:
+        if match.group(1) == "COMMAND":
+            return "unrecognized subcommand '%s'" % match.group(2)
+        return "invalid value '%s' for '%s'" % (match.group(2), _flag_display(match.group(1)))
+    match = re.match(r"argument (\S+): invalid (\w+) value: '([^']*)'", message)
+    if match:
+        reason = "invalid digit found in string" if match.group(2) == "int" else "invalid float literal"
+        return "invalid value '%s' for '%s': %s" % (match.group(3), _flag_display(match.group(1)),
+                                                     reason)
+    match = re.match(r"argument (\S+): not allowed with argument (\S+)", message)
+    if match:  # argparse names the later flag first; clap names them as typed
+        return "the argument '%s' cannot be used with '%s'" % (_flag_display(match.group(2)),
+                                                                _flag_display(match.group(1)))
+    if message.startswith("the following arguments are required"):
+        return "the following required arguments were not provided:"
+    match = re.match(r"argument (\S+): expected one argument", message)
+    if match:
+        return "a value is required for '%s' but none was supplied" % _flag_display(match.group(1))
+    return message
+
+
+def _flag_display(names: str) -> str:
+    """``-n/--tail`` -> ``--tail <TAIL>``, as clap names an option in messages."""
+    if names == "SHELL":
+        return "<SHELL>"
+    flag = next((name for name in names.split("/") if name.startswith("--")), names)
+    value_names = {"--tail": "TAIL", "--replay": "SPEED", "--in": "IN", "--errors": "ERRORS"}
+    if flag.startswith("--"):
+        return "%s <%s>" % (flag, value_names.get(flag, flag[2:].upper().replace("-", "_")))
+    return flag
+
+
+def _make_argument_parser_class():
+    """Create the argparse subclass lazily (argparse is imported only by main)."""
+    import argparse
+
+    class CommandParser(argparse.ArgumentParser):
+        """argparse with clap-style errors and help, raised instead of printed."""
+
+        def __init__(self, *args, command_path="", **kwargs):
+            kwargs.setdefault("add_help", False)
+            super().__init__(*args, **kwargs)
+            self.command_path = command_path
+            self.add_argument("-h", "--help", action=HelpAction, nargs=0,
+                              help="Print help")
+
+        def error(self, message):
+            raise ParserFailure(_clap_message(message), self.command_path)
+
+        def format_help(self):
+            return render_command_help(self)
+
+    class HelpAction(argparse.Action):
+        def __call__(self, parser, namespace, values, option_string=None):
+            raise HelpRequested(parser.format_help())
+
+    return CommandParser, argparse
+
+
+def render_command_help(parser) -> str:
+    """Render clap-style help for one command from its argparse actions."""
+    import argparse
+
+    path = parser.command_path
+    if not path:
+        rows = ["  %-12s%s" % (name, COMMAND_TEXTS[name][0]) for name in TOP_LEVEL_ORDER]
+        return TOP_LEVEL_HELP % {"tagline": TAGLINE, "commands": "\n".join(rows)}
+    description, notes = COMMAND_TEXTS[path]
+    positionals, options, subcommands = [], [], []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            subcommands = [(choice.dest, choice.help) for choice in action._choices_actions]
+        elif action.option_strings:
+            names = ", ".join(sorted(action.option_strings, key=len))
+            if action.nargs != 0:
+                names += " <%s>" % (action.metavar or action.dest.upper())
+            if len(action.option_strings) == 1 and action.option_strings[0].startswith("--"):
+                names = "    " + names
+            options.append((names, action.help or ""))
+        else:
+            label = action.metavar or action.dest.upper()
+            label = ("[%s]..." if action.nargs == "*" else "<%s>..." if action.nargs == "+"
+                     else "[%s]" if action.nargs == "?" else "<%s>") % label
+            positionals.append((label, action.help or ""))
+    usage = "Usage: %s %s" % (PROGRAM_NAME, path)
+    if subcommands:
+        usage += " <COMMAND>"
+    else:
+        usage += " [OPTIONS]" + "".join(" " + label for label, _ in positionals)
+    lines = [description, "", usage]
+    for title, rows in (("Commands:", subcommands), ("Arguments:", positionals),
+                        ("Options:", options)):
+        if rows:
+            width = max(len(name) for name, _ in rows) + 2
+            lines += ["", title] + ["  %s%s" % (name.ljust(width), text) for name, text in rows]
+    if notes:
+        lines += ["", notes]
+    return "\n".join(lines) + "\n"
 
 
 def build_parser():
-    """Build the argparse parser for every command."""
-    import argparse
+    """Build the argparse parser for every command (spec/cli.md 1 and 7)."""
+    CommandParser, argparse = _make_argument_parser_class()
+    parser = CommandParser(prog=PROGRAM_NAME, command_path="")
+    parser.add_argument("-V", "--version", action="store_true", help="Print version")
+    parser.add_argument("--dir", help="Pool directory")
+    parser.add_argument("--color", choices=["auto", "always", "never"], default="auto",
+                        help="Colour output")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=CommandParser)
 
-    parser = argparse.ArgumentParser(
-        prog=PROGRAM_NAME, description="Persistent message pools for local IPC")
-    parser.add_argument("-V", "--version", action="version",
-                        version="%s %s" % (PROGRAM_NAME, __version__))
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    version = commands.add_parser("version", help="Print version info as JSON")
-    version.set_defaults(handler=cmd_version)
+    def add(group, name, path, handler):
+        sub = group.add_parser(name, help=COMMAND_TEXTS[path][0], command_path=path)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    pool = add(commands, "pool", "pool", None)
+    pool_commands = pool.add_subparsers(dest="pool_command", metavar="COMMAND",
+                                        parser_class=CommandParser)
+    create = add(pool_commands, "create", "pool create", cmd_pool_create)
+    create.add_argument("names", nargs="+", metavar="NAME", help="Pool names or paths")
+    create.add_argument("--size", default="1M", help="Pool file size (K/M/G) [default: 1M]")
+    create.add_argument("--index-capacity", type=int, metavar="INDEX_CAPACITY",
+                        help="Index slots (default: automatic; 0 disables the index)")
+    info = add(pool_commands, "info", "pool info", cmd_pool_info)
+    info.add_argument("name", metavar="NAME", help="Pool name or path")
+    info.add_argument("--json", action="store_true", help="Print JSON instead of text")
+    delete = add(pool_commands, "delete", "pool delete", cmd_pool_delete)
+    delete.add_argument("names", nargs="+", metavar="NAME", help="Pool names or paths")
+    add(pool_commands, "list", "pool list", cmd_pool_list)
+
+    poke = add(commands, "poke", "poke", cmd_poke)
+    poke.add_argument("pool", metavar="POOL", help="Pool name, path or http(s)://host:port/pool")
+    poke.add_argument("data", nargs="?", metavar="DATA", help="Inline JSON object")
+    poke.add_argument("--tag", action="append", default=[], metavar="TAG",
+                      help="Tag the message (repeatable)")
+    poke.add_argument("--file", metavar="FILE", help="Read one JSON value from FILE (- = stdin)")
+    poke.add_argument("--durability", default="fast", metavar="DURABILITY",
+                      help="fast or flush [default: fast]")
+    poke.add_argument("--create", action="store_true", help="Create the pool if it is missing")
+    poke.add_argument("--create-size", metavar="CREATE_SIZE", help="Size for --create [default: 1M]")
+    poke.add_argument("--retry", type=int, default=0, metavar="RETRY",
+                      help="Retries for busy appends [default: 0]")
+    poke.add_argument("--retry-delay", metavar="RETRY_DELAY",
+                      help="Delay between retries [default: 50ms]")
+    poke.add_argument("-i", "--in", dest="input_format", default="auto", metavar="IN",
+                      choices=["auto", "jsonl", "json", "seq", "jq"],
+                      help="stdin format: auto, jsonl, json, seq, jq [default: auto]")
+    poke.add_argument("-e", "--errors", default="stop", choices=["stop", "skip"], metavar="ERRORS",
+                      help="On a bad stdin record: stop or skip [default: stop]")
+
+    get = add(commands, "get", "get", cmd_get)
+    get.add_argument("pool", metavar="POOL", help="Pool name or path")
+    get.add_argument("seq", type=int, metavar="SEQ", help="Sequence number")
+
+    peek = add(commands, "peek", "peek", cmd_peek)
+    peek.add_argument("pool", metavar="POOL", help="Pool name, path or http(s)://host:port/pool")
+    start = peek.add_mutually_exclusive_group()
+    start.add_argument("-n", "--tail", type=int, default=0, metavar="TAIL",
+                       help="Print the last N matching messages first")
+    start.add_argument("--since", metavar="SINCE",
+                       help="Start at a time: RFC 3339 or relative (5m, 2h, 1d)")
+    peek.add_argument("--one", action="store_true", help="Exit after the first message")
+    peek.add_argument("--jsonl", action="store_true", help="Same as --format jsonl")
+    peek.add_argument("--format", choices=["pretty", "jsonl"], metavar="FORMAT",
+                      help="pretty or jsonl [default: pretty]")
+    peek.add_argument("--timeout", metavar="TIMEOUT", help="Exit 124 after this long without output")
+    peek.add_argument("--data-only", action="store_true", help="Print only .data")
+    peek.add_argument("--where", action="append", default=[], metavar="WHERE",
+                      help="jq-style boolean filter (repeatable, all must match)")
+    peek.add_argument("--tag", action="append", default=[], metavar="TAG",
+                      help="Require this tag (repeatable)")
+    peek.add_argument("--quiet-drops", action="store_true", help="Suppress drop notices")
+    peek.add_argument("--no-notify", action="store_true", help="Poll instead of waiting for wake-ups")
+    peek.add_argument("--replay", type=float, metavar="SPEED",
+                      help="Replay history at SPEED x original pace (needs --tail or --since)")
+
+    doctor = add(commands, "doctor", "doctor", cmd_doctor)
+    doctor.add_argument("pool", nargs="?", metavar="POOL", help="Pool name or path")
+    doctor.add_argument("--all", action="store_true", help="Check every pool in the directory")
+
+    add(commands, "version", "version", cmd_version)
+    completion = add(commands, "completion", "completion", cmd_completion)
+    completion.add_argument("shell", choices=COMPLETION_SHELLS, metavar="SHELL",
+                            help="bash, elvish, fish, powershell or zsh")
+    help_command = add(commands, "help", "help", None)
+    help_command.add_argument("topic", nargs="*", metavar="COMMAND", help="Command to explain")
     return parser
+
+
+# -- output -----------------------------------------------------------------
+
+class Output:
+    """Where a command writes: stdout documents and streams, stderr errors and notices."""
+
+    def __init__(self, color_mode: str):
+        self.color_mode = color_mode
+        self.is_stdout_terminal = is_terminal(sys.stdout)
+        self.is_stderr_terminal = is_terminal(sys.stderr)
+
+    def stdout_color(self) -> bool:
+        if self.color_mode == "auto":
+            return self.is_stdout_terminal and not os.environ.get("NO_COLOR")
+        return self.color_mode == "always"
+
+    def stderr_color(self) -> bool:
+        if self.color_mode == "auto":
+            return self.is_stderr_terminal and not os.environ.get("NO_COLOR")
+        return self.color_mode == "always"
+
+    def document(self, value) -> None:
+        """Print one document: pretty on a terminal or with --color always, else compact."""
+        pretty = self.is_stdout_terminal or self.color_mode == "always"
+        sys.stdout.write(render_json(value, pretty, pretty and self.stdout_color()) + "\n")
+        sys.stdout.flush()
+
+    def stream_item(self, value, pretty: bool) -> None:
+        """Write one streamed message; the caller flushes (see flush)."""
+        sys.stdout.write(render_json(value, pretty, pretty and self.stdout_color()) + "\n")
+
+    @staticmethod
+    def flush() -> None:
+        sys.stdout.flush()
+
+    def label(self, text: str, code: int) -> str:
+        return "\x1b[%dm%s\x1b[0m" % (code, text) if self.stderr_color() else text
+
+    def error(self, err: PlasmiteError) -> None:
+        """Print an error: text with hint on a terminal, a JSON envelope otherwise."""
+        with_automatic_hint(err)
+        if self.is_stderr_terminal:
+            lines = [self.label("error:", 31) + " " + err.message]
+            for name in ("hint", "path", "seq", "offset"):
+                value = getattr(err, name)
+                if value is not None:
+                    lines.append("%s %s" % (self.label(name + ":", 33), value))
+            if err.causes:
+                lines.append(self.label("caused by:", 33) + " " + err.causes[0])
+            sys.stderr.write("\n".join(lines) + "\n")
+        else:
+            sys.stderr.write(dump_json({"error": err.to_dict()}) + "\n")
+        sys.stderr.flush()
+
+    def notice(self, command: str, kind: str, message: str, pool_ref: str, details: dict) -> None:
+        """Print a non-fatal notice (drops, skipped records) on stderr."""
+        if self.is_stderr_terminal:
+            sys.stderr.write("%s %s (pool: %s)\n" % (self.label("notice:", 33), message, pool_ref))
+        else:
+            sys.stderr.write(dump_json({"notice": {
+                "cmd": command, "details": details, "kind": kind, "message": message,
+                "pool": pool_ref, "time": format_timestamp(time.time_ns())}}) + "\n")
+        sys.stderr.flush()
+
+
+# -- pools from the command line ---------------------------------------------
+
+def pool_directory(args) -> str:
+    """The --dir value, else ~/.plasmite/pools (relative .plasmite/pools without HOME)."""
+    if args.dir is not None:
+        return args.dir
+    home = os.environ.get("HOME")
+    return os.path.join(home, ".plasmite", "pools") if home else os.path.join(".plasmite", "pools")
+
+
+def check_local_reference(reference: str) -> None:
+    """Reject remote refs where only local pools work yet (remote support: issue 5)."""
+    if reference.startswith(("http://", "https://")):
+        raise PlasmiteError("Usage", "remote pool refs are not supported by this build yet",
+                            hint="Use a local pool name or path.")
+    if "://" in reference:
+        raise PlasmiteError("Usage", "remote pool ref must use http or https scheme",
+                            hint="Use shorthand: http(s)://host:port/<pool>.")
+
+
+def missing_pool_hint(reference: str) -> str:
+    if "/" in reference:
+        return "Pool path not found. Check the path or pass --dir for a different pool directory."
+    return ("Create it first: plasmite pool create %s (or pass --dir for a different pool "
+            "directory)." % reference)
+
+
+def open_pool_for_command(args, reference: str) -> LocalPool:
+    """Open a local pool named on the command line; NotFound carries the CLI's hint."""
+    check_local_reference(reference)
+    try:
+        return LocalPool.open(resolve_pool_path(pool_directory(args), reference))
+    except PlasmiteError as err:
+        if err.kind == "NotFound":
+            err.hint = missing_pool_hint(reference)
+        raise
+
+
+def pool_info_fields(pool: LocalPool, reference: str) -> dict:
+    fields = pool.info()
+    fields["name"] = reference
+    fields["path"] = pool.path
+    return fields
+
+
+# -- pool commands ------------------------------------------------------------
+
+def cmd_pool_create(args) -> int:
+    """Create pools; print ``{"created": [<pool info>...]}``."""
+    size = parse_size(args.size)
+    directory = pool_directory(args)
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as err:
+        raise PlasmiteError("Io", None, path=directory, causes=[describe_os_error(err)]) from err
+    created = []
+    for reference in args.names:
+        check_local_reference(reference)
+        path = resolve_pool_path(directory, reference)
+        if os.path.exists(path):
+            raise PlasmiteError("AlreadyExists", "pool already exists", path=path,
+                                hint="Choose a different name or remove the existing pool file.")
+        capacity = args.index_capacity
+        if capacity is not None:
+            if not 0 <= capacity <= 0xFFFFFFFF:
+                raise PlasmiteError("Usage", "invalid value '%d' for '--index-capacity "
+                                    "<INDEX_CAPACITY>'" % capacity,
+                                    hint="Try `plasmite pool create --help`.")
+            if capacity * 16 > size // 2:
+                raise PlasmiteError(
+                    "Usage", "index capacity is too large for pool size",
+                    hint="Reduce --index-capacity or increase --size (index region must be <= 50% "
+                         "of the pool file).")
+        with LocalPool.create(path, size, capacity) as pool:
+            created.append(pool_info_fields(pool, reference))
+    args.output.document({"created": created})
+    return 0
+
+
+def format_age(age_ms) -> str:
+    if age_ms is None:
+        return "-"
+    if age_ms < 1000:
+        return "%dms ago" % age_ms
+    if age_ms < 60000:
+        return "%.1fs ago" % (age_ms / 1000)
+    return "%ds ago" % (age_ms // 1000)
+
+
+def cmd_pool_info(args) -> int:
+    """Print pool metadata: JSON with --json, else upstream's text form."""
+    with open_pool_for_command(args, args.name) as pool:
+        fields = pool_info_fields(pool, args.name)
+    if args.json:
+        args.output.document(fields)
+        return 0
+    metrics = fields["metrics"]
+    bounds = fields["bounds"]
+    usage = metrics["utilization"]
+    hundredths = usage["used_bytes"] * 10000 // fields["ring_size"]
+    lines = [
+        "Pool: %s" % fields["name"],
+        "Path: %s" % fields["path"],
+        "Size: %d bytes (index: offset=%d slots=%d bytes=%d, ring: offset=%d size=%d)" % (
+            fields["file_size"], fields["index_offset"], fields["index_capacity"],
+            fields["index_size_bytes"], fields["ring_offset"], fields["ring_size"]),
+        "Bounds: oldest=%s newest=%s count=%d" % (bounds.get("oldest", "-"),
+                                                  bounds.get("newest", "-"),
+                                                  metrics["message_count"]),
+        "Utilization: used=%dB free=%dB (%d.%02d%%)" % (usage["used_bytes"], usage["free_bytes"],
+                                                       hundredths // 100, hundredths % 100),
+        "Oldest: %s (%s)" % (metrics["age"]["oldest_time"] or "-",
+                             format_age(metrics["age"]["oldest_age_ms"])),
+        "Newest: %s (%s)" % (metrics["age"]["newest_time"] or "-",
+                             format_age(metrics["age"]["newest_age_ms"])),
+    ]
+    sys.stdout.write("\n".join(lines) + "\n")
+    return 0
+
+
+def cmd_pool_list(args) -> int:
+    """Print ``{"pools": [...]}`` sorted by name; unreadable pools are listed with their error."""
+    directory = pool_directory(args)
+    try:
+        pools = list_pools(directory)
+    except PlasmiteError as err:
+        pools = [{"error": {"error": with_automatic_hint(err).to_dict()}, "name": "pools",
+                  "path": directory}]
+    args.output.document({"pools": pools})
+    return 0
+
+
+def cmd_pool_delete(args) -> int:
+    """Delete pool files, best effort; exit with the first failure's code."""
+    deleted, failed = [], []
+    first_failure = None
+    for reference in args.names:
+        try:
+            if "://" in reference:
+                raise PlasmiteError(
+                    "Usage", "pool delete accepts local pool names or paths only",
+                    hint="Use pool names/paths for local delete, or call remote APIs directly.")
+            path = resolve_pool_path(pool_directory(args), reference)
+            delete_pool_file(path)
+            deleted.append({"path": path, "pool": reference})
+        except PlasmiteError as err:
+            failed.append({"error": err.to_dict(), "pool": reference})
+            first_failure = first_failure or err
+    args.output.document({"deleted": deleted, "failed": failed})
+    return first_failure.exit_code if first_failure else 0
+
+
+# -- poke -------------------------------------------------------------------
+
+def _retryable(err: PlasmiteError) -> bool:
+    if err.kind == "Busy":
+        return True
+    return err.kind == "Io" and any(
+        cause.startswith(("Interrupted", "Resource temporarily unavailable", "Connection timed out"))
+        for cause in err.causes)
+
+
+def append_with_retry(pool: LocalPool, tags: list, data, should_flush: bool, retries: int,
+                      delay: float) -> tuple:
+    """Encode and append one message, retrying retryable failures; return (seq, timestamp_ns)."""
+    payload = encode_message(tags, data)
+    attempts = 0
+    started = time.monotonic()
+    while True:
+        attempts += 1
+        try:
+            return pool.append(payload, None, should_flush)
+        except PlasmiteError as err:
+            if attempts > retries or not _retryable(err):
+                if attempts > 1:
+                    note = "Retry attempts: %d (waited %dms)." % (
+                        attempts, (time.monotonic() - started) * 1000)
+                    err.hint = (err.hint + " " + note) if err.hint else note
+                raise
+            time.sleep(delay)
+
+
+def receipt(tags: list, data, seq: int, timestamp_ns: int) -> dict:
+    """The message poke prints: the data as parsed (upstream echoes its input)."""
+    return {"data": data, "meta": {"tags": tags}, "seq": seq, "time": format_timestamp(timestamp_ns)}
+
+
+def cmd_poke(args) -> int:
+    """Append one message (DATA, --file) or a stream of records from stdin."""
+    check_local_reference(args.pool)
+    if args.create_size is not None and not args.create:
+        raise PlasmiteError("Usage", "--create-size requires --create",
+                            hint="Add --create or remove --create-size.")
+    if args.retry_delay is not None and args.retry <= 0:
+        raise PlasmiteError("Usage", "--retry-delay requires --retry",
+                            hint="Add --retry or remove --retry-delay.")
+    if args.retry < 0:
+        raise PlasmiteError("Usage", "--retry must not be negative",
+                            hint="Try `plasmite poke --help`.")
+    durability = args.durability.strip()
+    if durability not in ("fast", "flush"):
+        raise PlasmiteError("Usage", "invalid durability", hint="Use fast or flush.")
+    delay = parse_duration(args.retry_delay) if args.retry_delay is not None else 0.05
+    if args.data is not None and args.file is not None:
+        raise ParserFailure("the argument '[DATA]' cannot be used with '--file <FILE>'", "poke")
+    is_single = args.data is not None or args.file is not None or is_terminal(sys.stdin)
+    if not is_single:
+        check_stream_options(args.input_format, args.errors)
+    directory = pool_directory(args)
+    path = resolve_pool_path(directory, args.pool)
+    try:
+        pool = LocalPool.open(path)
+    except PlasmiteError as err:
+        if err.kind != "NotFound" or not args.create:
+            if err.kind == "NotFound":
+                err.hint = missing_pool_hint(args.pool)
+            raise
+        size = parse_size(args.create_size) if args.create_size is not None else DEFAULT_POOL_SIZE
+        try:
+            os.makedirs(directory, exist_ok=True)
+        except OSError as os_err:
+            raise PlasmiteError("Io", None, path=directory,
+                                causes=[describe_os_error(os_err)]) from os_err
+        try:
+            pool = LocalPool.create(path, size)
+        except PlasmiteError as create_err:
+            if create_err.kind != "AlreadyExists":  # another poke created it first
+                raise
+            pool = LocalPool.open(path)
+    should_flush = durability == "flush"
+    with pool:
+        if is_single:
+            return poke_single_value(args, pool, should_flush, delay)
+        return poke_stream(args, pool, should_flush, delay)
+
+
+def poke_single_value(args, pool: LocalPool, should_flush: bool, delay: float) -> int:
+    if args.data is not None:
+        text = args.data
+    elif args.file is not None and args.file != "-":
+        try:
+            with open(args.file, "rb") as handle:
+                text = handle.read()
+        except OSError as err:
+            raise PlasmiteError("Io", "failed to read data file", path=args.file,
+                                causes=[describe_os_error(err)]) from err
+    elif args.file == "-":
+        try:
+            text = sys.stdin.buffer.read()
+        except OSError as err:
+            raise PlasmiteError("Io", "failed to read stdin", causes=[describe_os_error(err)]) from err
+    else:
+        raise PlasmiteError("Usage", "missing data input", hint=MISSING_DATA_HINT)
+    try:
+        data = parse_json_value(text)
+    except PlasmiteError as err:
+        detail = err.message.split(": ", 1)[-1]
+        raise PlasmiteError("Usage", "invalid json",
+                            hint="Provide a single JSON value (e.g. '{\"x\":1}').",
+                            causes=[detail]) from err
+    if not isinstance(data, dict):
+        raise PlasmiteError("Usage", "data must be object")
+    seq, timestamp_ns = append_with_retry(pool, args.tag, data, should_flush, args.retry, delay)
+    args.output.document(receipt(args.tag, data, seq, timestamp_ns))
+    return 0
+
+
+def poke_stream(args, pool: LocalPool, should_flush: bool, delay: float) -> int:
+    """Append every record read from stdin; print one compact line per message.
+
+    --errors stop ends at the first bad record with a Usage error; --errors
+    skip reports bad records as notices, carries on, and exits 1 at the end
+    if any was skipped.  Append failures always end the command.
+    """
+    total = appended = skipped = 0
+    for item in read_records(sys.stdin.buffer, args.input_format, args.errors):
+        total += 1
+        if isinstance(item, IngestFailure):
+            if args.errors == "stop":
+                raise item.to_error()
+            skipped += 1
+            args.output.notice("poke", SKIP_NOTICE_KIND, item.message, args.pool,
+                               skip_notice_details(item, pool.path))
+            continue
+        try:
+            if not isinstance(item.data, dict):
+                raise PlasmiteError("Usage", "data must be object")
+            seq, timestamp_ns = append_with_retry(pool, args.tag, item.data, should_flush,
+                                                  args.retry, delay)
+        except PlasmiteError as err:
+            if args.errors == "stop":
+                # Upstream reports every append failure of a stream as Usage
+                # (quirk Q5, kept: scripts may test for exit code 2).
+                raise PlasmiteError("Usage", err.message, hint=item.hint or err.hint,
+                                    path=err.path) from err
+            raise
+        appended += 1
+        args.output.stream_item(receipt(args.tag, item.data, seq, timestamp_ns), pretty=False)
+        args.output.flush()
+    if total == 0:
+        raise PlasmiteError("Usage", "missing data input", hint=MISSING_DATA_HINT)
+    if skipped:
+        args.output.notice("poke", SUMMARY_NOTICE_KIND, SUMMARY_NOTICE_MESSAGE, args.pool,
+                           summary_notice_details(total, appended, skipped, pool.path))
+        return 1
+    return 0
+
+# -- get and peek -------------------------------------------------------------
+
+def cmd_get(args) -> int:
+    """Print message SEQ of a pool."""
+    if args.seq < 0:
+        raise ParserFailure("invalid value '%d' for '<SEQ>': invalid digit found in string"
+                            % args.seq, "")
+    with open_pool_for_command(args, args.pool) as pool:
+        try:
+            message = message_fields(pool.get(args.seq))
+        except PlasmiteError as err:
+            if err.kind == "NotFound":
+                err.hint = ("Check available messages: plasmite pool info %s (or plasmite peek %s "
+                            "--tail 10)." % (args.pool, args.pool))
+                err.path = None
+            raise
+    args.output.document(message)
+    return 0
+
+
+def compile_filters(expressions: list):
+    """Compile every --where into one predicate (all must hold); Usage error on bad syntax."""
+    try:
+        return compile_where_all(expressions)
+    except ExpressionSyntaxError as err:
+        raise PlasmiteError(
+            "Usage", "invalid filter expression",
+            hint="Failed to parse/compile `%s`. %s" % (err.expression, format_expression_error(err)),
+            causes=[err.message]) from err
+
+
+class PeekSession:
+    """One ``peek``: the history scan, the follow loop, filters, drops and the timeout."""
+
+    def __init__(self, args, pool: LocalPool, matches, is_pretty: bool, timeout, since_ns):
+        self.args = args
+        self.pool = pool
+        self.matches = matches
+        self.is_pretty = is_pretty
+        self.timeout = timeout
+        self.since_ns = since_ns
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.last_seen = None
+        self.pending_drop = None  # [last_seen_seq, next_seen_seq] of gaps not yet reported
+        self.last_notice = None
+
+    # -- filtering and printing ------------------------------------------------
+
+    def is_wanted(self, message: dict) -> bool:
+        tags = message["meta"]["tags"]
+        for tag in self.args.tag:
+            if tag not in tags:
+                return False
+        return self.matches(message) if self.matches else True
+
+    def emit(self, message: dict) -> None:
+        self.args.output.stream_item(message["data"] if self.args.data_only else message,
+                                     self.is_pretty)
+        if self.timeout is not None:
+            self.deadline = time.monotonic() + self.timeout
+
+    def note_seq(self, seq: int) -> None:
+        """Track the last seq seen (filtered or not) and queue a drop notice on a gap."""
+        if self.last_seen is not None and seq > self.last_seen + 1 and not self.args.quiet_drops:
+            if self.pending_drop is None:
+                self.pending_drop = [self.last_seen, seq]
+            else:
+                self.pending_drop[1] = seq
+        self.last_seen = seq
+        self.report_drops()
+
+    def report_drops(self) -> None:
+        """Print the pending drop notice, at most one per second (spec/cli.md 4)."""
+        now = time.monotonic()
+        if self.pending_drop is None or (self.last_notice is not None and now - self.last_notice < 1):
+            return
+        last_seen_seq, next_seen_seq = self.pending_drop
+        dropped = next_seen_seq - last_seen_seq - 1
+        self.args.output.notice("peek", "drop", "dropped %d messages" % dropped, self.args.pool, {
+            "dropped_count": dropped, "last_seen_seq": last_seen_seq,
+            "next_seen_seq": next_seen_seq, "pool_path": self.pool.path})
+        self.pending_drop = None
+        self.last_notice = now
+
+    # -- phases -----------------------------------------------------------------
+
+    def history(self, cursor: Cursor, newest: int):
+        """Yield (frame, message) for stored messages up to ``newest`` (the scan phase)."""
+        while cursor.next_seq <= newest:
+            frame = cursor.next_frame()
+            if frame is None:
+                return
+            self.note_seq(frame.seq)
+            yield frame, message_fields(frame)
+
+    def run(self) -> int:
+        args = self.args
+        pool = self.pool
+        newest = pool.read_state()[4]
+        if args.tail > 0 or self.since_ns is not None:
+            cursor = pool.cursor(1)
+        else:
+            cursor = pool.cursor(newest + 1)
+        if args.replay is not None:
+            return self.replay(cursor, newest)
+        kept = None
+        if args.tail > 0:
+            import collections
+
+            kept = collections.deque(maxlen=args.tail)
+            for _frame, message in self.history(cursor, newest):
+                if self.is_wanted(message):
+                    kept.append(message)
+            if args.one:
+                if len(kept) == args.tail:
+                    self.emit(kept[-1])
+                    return 0
+            else:
+                for message in kept:
+                    self.emit(message)
+                kept = None
+        elif self.since_ns is not None:
+            for frame, message in self.history(cursor, newest):
+                if frame.timestamp_ns >= self.since_ns and self.is_wanted(message):
+                    self.emit(message)
+                    if args.one:
+                        return 0
+        args.output.flush()
+        return self.follow(cursor, kept)
+
+    def follow(self, cursor: Cursor, kept) -> int:
+        """Print new messages as they arrive; 0 after --one, 124 on --timeout."""
+        args = self.args
+        pool = self.pool
+        while True:
+            frame = cursor.next_frame()
+            if frame is None:
+                args.output.flush()
+                self.report_drops()
+                wait = 0.05 if self.pending_drop else None
+                if self.deadline is not None:
+                    remaining = self.deadline - time.monotonic()
+                    if remaining <= 0:
+                        return EXIT_TIMEOUT
+                    wait = remaining if wait is None else min(wait, remaining)
+                pool.wait_for_seq(cursor.next_seq, wait)
+                continue
+            self.note_seq(frame.seq)
+            message = message_fields(frame)
+            if not self.is_wanted(message):
+                continue
+            if kept is not None:  # --tail N --one: the Nth match counting history
+                kept.append(message)
+                if len(kept) == args.tail:
+                    self.emit(message)
+                    return 0
+                continue
+            self.emit(message)
+            if args.one:
+                return 0
+
+    def replay(self, cursor: Cursor, newest: int) -> int:
+        """Print the selected history paced by its original timing, then exit 0."""
+        import collections
+
+        selected = collections.deque(maxlen=self.args.tail or None)
+        for frame, message in self.history(cursor, newest):
+            if self.since_ns is not None and frame.timestamp_ns < self.since_ns:
+                continue
+            if self.is_wanted(message):
+                selected.append((frame.timestamp_ns, message))
+        previous_ns = None
+        for timestamp_ns, message in selected:
+            if previous_ns is not None and self.args.replay > 0 and timestamp_ns > previous_ns:
+                self.args.output.flush()
+                time.sleep((timestamp_ns - previous_ns) / 1e9 / self.args.replay)
+            previous_ns = timestamp_ns
+            self.emit(message)
+            if self.args.one:
+                break
+        return 0
+
+
+def cmd_peek(args) -> int:
+    """Print matching messages: history (--tail/--since) then follow new ones."""
+    if args.jsonl and args.format is not None:
+        raise PlasmiteError("Usage", "conflicting output options",
+                            hint="Use --format jsonl (or --jsonl), but not both.")
+    is_pretty = not args.jsonl and args.format != "jsonl"
+    now_ns = time.time_ns()
+    since_ns = parse_since(args.since, now_ns) if args.since is not None else None
+    timeout = parse_duration(args.timeout) if args.timeout is not None else None
+    matches = compile_filters(args.where) if args.where else None
+    check_local_reference(args.pool)
+    if args.tail < 0:
+        raise ParserFailure("unexpected argument '%d' found" % args.tail, "peek")
+    if args.replay is not None:
+        replay_hint = "Use --replay 1 for realtime, --replay 2 for 2x, --replay 0 for no delay."
+        if args.replay < 0:
+            raise PlasmiteError("Usage", "--replay speed must be non-negative", hint=replay_hint)
+        if not math.isfinite(args.replay):
+            raise PlasmiteError("Usage", "--replay speed must be a finite number", hint=replay_hint)
+        if args.tail == 0 and since_ns is None:
+            raise PlasmiteError("Usage", "--replay requires --tail or --since",
+                                hint="Replay needs historical messages. Use --tail N or --since "
+                                     "DURATION.")
+    if since_ns is not None and since_ns > now_ns:
+        return 0
+    with open_pool_for_command(args, args.pool) as pool:
+        try:
+            return PeekSession(args, pool, matches, is_pretty, timeout, since_ns).run()
+        finally:
+            args.output.flush()
+
+
+# -- doctor, version, completion, help ----------------------------------------
+
+def cmd_doctor(args) -> int:
+    """Validate pools; print reports; exit 7 if any is corrupt."""
+    if args.pool is None and not args.all:
+        raise PlasmiteError("Usage", "doctor requires a pool name or --all",
+                            hint="Use `plasmite doctor <pool>` or `plasmite doctor --all`.")
+    if args.pool is not None and args.all:
+        raise PlasmiteError("Usage", "--all cannot be combined with a pool name",
+                            hint="Use --all by itself, or provide a single pool.")
+    directory = pool_directory(args)
+    if args.all:
+        try:
+            names = os.listdir(directory)
+        except OSError as err:
+            raise PlasmiteError("NotFound" if err.errno == errno.ENOENT else "Io",
+                                "failed to read pool directory", path=directory,
+                                causes=[describe_os_error(err)]) from err
+        targets = [(path, path) for path in (os.path.join(directory, name) for name in names
+                                             if name.endswith(POOL_SUFFIX))]
+    else:
+        check_local_reference(args.pool)
+        targets = [(resolve_pool_path(directory, args.pool), args.pool)]
+    reports = []
+    for path, reference in targets:
+        try:
+            reports.append(diagnose_pool(path, reference))
+        except PlasmiteError as err:
+            if err.kind == "NotFound":
+                err.hint = missing_pool_hint(reference)
+            raise
+    if args.output.is_stdout_terminal:
+        for report in reports:
+            if report["status"] == "ok":
+                line = "OK: %s" % report["pool_ref"]
+            else:
+                line = "CORRUPT: %s" % report["pool_ref"]
+                if report["last_good_seq"] is not None:
+                    line += " last_good_seq=%d" % report["last_good_seq"]
+                if report["issues"]:
+                    line += " issue=%s" % report["issues"][0]["message"]
+            sys.stdout.write(line + "\n")
+    else:
+        args.output.document({"reports": reports})
+    return EXIT_CODES["Corrupt"] if any(r["status"] != "ok" for r in reports) else 0
 
 
 def cmd_version(args) -> int:
     """Print ``{"name": "plasmite", "version": ...}``."""
-    print_document({"name": PROGRAM_NAME, "version": __version__})
+    args.output.document({"name": PROGRAM_NAME, "version": __version__})
     return 0
 
 
-def print_document(value) -> None:
-    """Print one JSON document: pretty on a terminal, one compact line otherwise."""
-    sys.stdout.write(dump_json(value, pretty=is_terminal(sys.stdout)) + "\n")
-    sys.stdout.flush()
+def command_tree(parser, path="") -> dict:
+    """Map each command path to (subcommand names, option flags), for completion scripts."""
+    import argparse
+
+    tree = {}
+    subcommands, flags = [], []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                subcommands.append(name)
+                tree.update(command_tree(sub, (path + " " + name).strip()))
+        else:
+            flags.extend(action.option_strings)
+    tree[path] = (subcommands, flags)
+    return tree
 
 
-def report_error(err: PlasmiteError) -> None:
-    """Print an error to stderr: text with hint on a terminal, a JSON envelope otherwise."""
-    with_automatic_hint(err)
-    if is_terminal(sys.stderr):
-        lines = ["error: " + err.message]
-        for label in ("hint", "path", "seq", "offset"):
-            value = getattr(err, label)
-            if value is not None:
-                lines.append("%s: %s" % (label, value))
-        if err.causes:
-            lines.append("caused by: " + err.causes[0])
-        sys.stderr.write("\n".join(lines) + "\n")
-    else:
-        sys.stderr.write(dump_json({"error": err.to_dict()}) + "\n")
-    sys.stderr.flush()
+def completion_script(shell: str, tree: dict) -> str:
+    """Return a completion script for ``plasmite`` (and ``pls``) in the given shell."""
+    if shell == "bash":
+        cases = []
+        for path, (subcommands, flags) in sorted(tree.items()):
+            words = " ".join(subcommands + flags)
+            cases.append('        "%s") words="%s" ;;' % (path, words))
+        return """\
+# bash completion for plasmite (and pls)
+_plasmite() {
+    local current="${COMP_WORDS[COMP_CWORD]}" path="" word words index
+    for ((index = 1; index < COMP_CWORD; index++)); do
+        word="${COMP_WORDS[index]}"
+        case "$word" in -*) continue ;; esac
+        case " $(_plasmite_words "$path") " in
+            *" $word "*) path="${path:+$path }$word" ;;
+        esac
+    done
+    COMPREPLY=($(compgen -W "$(_plasmite_words "$path")" -- "$current"))
+}
+_plasmite_words() {
+    local words=""
+    case "$1" in
+%s
+    esac
+    echo "$words"
+}
+complete -F _plasmite plasmite pls pls.pyz
+""" % "\n".join(cases)
+    if shell == "zsh":
+        lines = ["#compdef plasmite pls", "# zsh completion for plasmite (and pls)",
+                 "_plasmite() {", "  local path_words=() word",
+                 "  for word in ${words[2,CURRENT-1]}; do",
+                 "    [[ $word == -* ]] || path_words+=($word)", "  done",
+                 "  case \"${path_words[*]}\" in"]
+        for path, (subcommands, flags) in sorted(tree.items()):
+            lines.append("    \"%s\") compadd -- %s ;;" % (path, " ".join(subcommands + flags)))
+        lines += ["  esac", "}", "compdef _plasmite plasmite pls", ""]
+        return "\n".join(lines)
+    if shell == "fish":
+        lines = ["# fish completion for plasmite (and pls)"]
+        for path, (subcommands, flags) in sorted(tree.items()):
+            condition = ("__fish_use_subcommand" if not path else
+                         "__fish_seen_subcommand_from %s" % path.split()[-1])
+            for name in subcommands:
+                lines.append("complete -c plasmite -n '%s' -f -a %s" % (condition, name))
+            for flag in flags:
+                option = "-l %s" % flag[2:] if flag.startswith("--") else "-s %s" % flag[1:]
+                lines.append("complete -c plasmite -n '%s' %s" % (condition, option))
+        lines.append("complete -c pls -w plasmite")
+        return "\n".join(lines) + "\n"
+    if shell == "elvish":
+        lines = ["# elvish completion for plasmite", "set edit:completion:arg-completer[plasmite] = {|@words|",
+                 "  var path = (str:join ' ' [(each {|word| if (not (str:has-prefix $word -)) { put $word } } $words[1..-1])])",
+                 "  var table = ["]
+        for path, (subcommands, flags) in sorted(tree.items()):
+            lines.append("    &'%s'=[%s]" % (path, " ".join("'%s'" % word for word in subcommands + flags)))
+        lines += ["  ]", "  if (has-key $table $path) { all $table[$path] }", "}"]
+        return "use str\n" + "\n".join(lines) + "\n"
+    lines = ["# PowerShell completion for plasmite", "Register-ArgumentCompleter -Native -CommandName plasmite,pls -ScriptBlock {",
+             "    param($wordToComplete, $commandAst, $cursorPosition)",
+             "    $path = ($commandAst.CommandElements | Select-Object -Skip 1 | Where-Object { $_ -notlike '-*' -and $_.ToString() -ne $wordToComplete }) -join ' '",
+             "    $table = @{"]
+    for path, (subcommands, flags) in sorted(tree.items()):
+        lines.append("        '%s' = @(%s)" % (path, ", ".join("'%s'" % word for word in subcommands + flags)))
+    lines += ["    }", "    $table[$path] | Where-Object { $_ -like \"$wordToComplete*\" } |",
+              "        ForEach-Object { [System.Management.Automation.CompletionResult]::new($_) }", "}"]
+    return "\n".join(lines) + "\n"
+
+
+def cmd_completion(args) -> int:
+    """Print a shell completion script."""
+    sys.stdout.write(completion_script(args.shell, command_tree(build_parser())))
+    return 0
 
 
 # =============================================================================
 # 13. Entry point
 # =============================================================================
 
+def _die_by_signal(signal_number: int) -> None:
+    """Exit by re-raising a signal with its default action, as upstream does on Ctrl-C."""
+    import signal
+
+    sys.stdout.flush = lambda: None  # nothing more may be written
+    signal.signal(signal_number, signal.SIG_DFL)
+    os.kill(os.getpid(), signal_number)
+
+
+def _help_for(parser, words: list) -> str:
+    import argparse
+
+    current = parser
+    for word in words:
+        found = None
+        for action in current._actions:
+            if isinstance(action, argparse._SubParsersAction) and word in action.choices:
+                found = action.choices[word]
+        if found is None:
+            raise ParserFailure("unrecognized subcommand '%s'" % word, current.command_path)
+        current = found
+    return current.format_help()
+
+
 def main(argv=None) -> int:
-    """Run the pls command line with ``argv`` (default sys.argv[1:]); return the exit status."""
-    parser = build_parser()
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    if getattr(args, "handler", None) is None:
-        parser.print_help()
-        return 0
+    """Run the pls command line with ``argv`` (default sys.argv[1:]); return the exit status.
+
+    Errors print to stderr (a JSON envelope, or text on a terminal) and map
+    to upstream's exit codes; a closed stdout ends the command quietly.
+    """
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    arguments = ["--help" if word == "---help" else "--version" if word == "---version" else word
+                 for word in arguments]
+    output = Output("auto")
     try:
-        return args.handler(args)
+        parser = build_parser()
+        if not arguments and argv is None and os.path.basename(sys.argv[0]).startswith("pls"):
+            arguments = ["--help"]
+        args, extras = parser.parse_known_args(arguments)
+        if extras:
+            command_path = " ".join(word for word in (getattr(args, "command", None),
+                                                      getattr(args, "pool_command", None)) if word)
+            raise ParserFailure("unexpected argument '%s' found" % extras[0], command_path)
+        output = args.output = Output(args.color)
+        if args.version:
+            sys.stdout.write("%s %s\n" % (PROGRAM_NAME, __version__))
+            return 0
+        if args.command is None:
+            raise ParserFailure(TAGLINE, "")
+        if args.command == "help":
+            sys.stdout.write(_help_for(parser, args.topic))
+            return 0
+        if args.command == "pool" and args.pool_command is None:
+            raise ParserFailure(COMMAND_TEXTS["pool"][0], "pool")
+        status = args.handler(args)
+        sys.stdout.flush()
+        return status
+    except HelpRequested as request:
+        sys.stdout.write(request.text)
+        return 0
+    except ParserFailure as failure:
+        path = "" if failure.message.startswith("invalid value") else failure.command_path
+        output.error(PlasmiteError("Usage", failure.message, hint="Try `%s %s--help`." % (
+            PROGRAM_NAME, path + " " if path else "")))
+        return EXIT_CODES["Usage"]
     except PlasmiteError as err:
-        report_error(err)
+        output.error(err)
         return err.exit_code
+    except BrokenPipeError:
+        # A reader such as `head -1` closed our stdout: not an error.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
+        _die_by_signal(2)
         return EXIT_INTERRUPTED
+    except Exception as err:  # a bug: report it as Internal, traceback on request
+        if os.environ.get("PLASMITE_DEBUG") == "1":
+            import traceback
+
+            traceback.print_exc()
+        output.error(PlasmiteError("Internal", "internal error: %s: %s" % (type(err).__name__, err),
+                                   hint="This is a bug in plasmite.py; rerun with PLASMITE_DEBUG=1 "
+                                        "for a traceback and report it."))
+        return EXIT_CODES["Internal"]
 
 
 if __name__ == "__main__":

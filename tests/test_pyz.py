@@ -57,7 +57,7 @@ def test_round_trip_through_the_archive(pyz, tmp_path):
 
 
 def test_bytecode_is_used_and_startup_stays_lean(pyz):
-    result = subprocess.run([sys.executable, "-X", "importtime", pyz, "version"],
+    result = subprocess.run([sys.executable, "-S", "-X", "importtime", pyz, "version"],
                             capture_output=True, text=True)
     assert result.returncode == 0
     imported = [line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines()]
