@@ -2372,7 +2372,7 @@ class LocalPool:
         offset, or None when the walk met a frame that does not fit the header
         (the caller re-reads the header and decides: overwritten or corrupt).
         """
-        head, tail, _tail_next, oldest, newest = state
+        oldest = state[3]
         if self.index_capacity and seq > oldest:
             slot_seq, slot_offset = INDEX_SLOT.unpack_from(
                 self._mapping, INDEX_OFFSET + 16 * (seq % self.index_capacity))
@@ -2380,17 +2380,26 @@ class LocalPool:
                 view = self.inspect_frame(slot_offset)
                 if view.found == FOUND_MESSAGE and view.seq == seq:
                     return slot_offset
-        offset = tail
-        for _ in range(self._max_steps(oldest, newest)):
+        offset = self._walk_from_tail(seq, state)
+        view = self.inspect_frame(offset)
+        return offset if view.found == FOUND_MESSAGE and view.seq == seq else None
+
+    def _walk_from_tail(self, seq: int, state: tuple) -> int:
+        """Walk from the tail past older frames; return where the walk stops.
+
+        It stops at frame ``seq``, or at the first frame that is neither
+        older nor skippable (a damaged frame, a newer seq).  Bounded.
+        """
+        offset = state[1]
+        for _ in range(self._max_steps(state[3], state[4])):
             view = self.inspect_frame(offset)
             if view.found == FOUND_WRAP:
                 offset = 0
             elif view.seq < seq and view.next_offset is not None and view.found != FOUND_INVALID:
                 offset = view.next_offset  # an older message, or a stuck pending frame
-            elif view.found == FOUND_MESSAGE and view.seq == seq:
-                return offset
             else:
-                return None
+                return offset
+        return offset
         return None
 
     def _settled_state(self, state: tuple) -> tuple:
@@ -2435,7 +2444,7 @@ class LocalPool:
                         return Frame(seq, view.timestamp_ns, payload)
             latest = self._settled_state(state)
             if latest == state:
-                offset = offset if offset is not None else self._first_bad_offset(seq, state)
+                offset = offset if offset is not None else self._walk_from_tail(seq, state)
                 view = self.inspect_frame(offset)
                 if (view.found == FOUND_PENDING and view.seq == seq) or self._is_interrupted_emptying(
                         state):
@@ -2457,19 +2466,6 @@ class LocalPool:
         """
         oldest = RING_STATE.unpack_from(self._mapping, RING_STATE_OFFSET)[3]
         return oldest != 0 and seq >= oldest
-
-    def _first_bad_offset(self, seq: int, state: tuple) -> int:
-        """Return where a walk from the tail toward ``seq`` stops (for error reports)."""
-        offset = state[1]
-        for _ in range(self._max_steps(state[3], state[4])):
-            view = self.inspect_frame(offset)
-            if view.found == FOUND_WRAP:
-                offset = 0
-            elif view.seq < seq and view.next_offset is not None and view.found != FOUND_INVALID:
-                offset = view.next_offset
-            else:
-                return offset
-        return offset
 
     def frame_timestamp(self, seq: int):
         """Return the append time (ns) of message ``seq``, or None if it cannot be read."""
@@ -2623,7 +2619,7 @@ class Cursor:
                 self._offset = None
                 return None
             if offset is None:
-                offset = pool._first_bad_offset(self.next_seq, state)
+                offset = pool._walk_from_tail(self.next_seq, state)
                 view = pool.inspect_frame(offset)
             if view.found == FOUND_PENDING and view.seq == self.next_seq:
                 # Published but never committed (a damaged file).  Upstream
