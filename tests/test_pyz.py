@@ -9,7 +9,6 @@ import zipfile
 
 import pytest
 
-from conftest import ROOT
 
 ROUND_TRIP = r"""
 import sys
@@ -23,12 +22,9 @@ with plasmite.Client(sys.argv[2]) as client:
 """
 
 
-@pytest.fixture(scope="module")
-def pyz(tmp_path_factory):
-    output = str(tmp_path_factory.mktemp("build") / "pls.pyz")
-    subprocess.run([sys.executable, os.path.join(ROOT, "build_pyz.py"), "--output", output],
-                   check=True, capture_output=True)
-    return output
+@pytest.fixture
+def pyz(pyz_path):
+    return pyz_path
 
 
 def test_archive_layout(pyz):
