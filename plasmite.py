@@ -2850,6 +2850,7 @@ PARSE_FAILURE_MESSAGE = "invalid json input"
 OVERSIZE_FAILURE_MESSAGE = "record exceeds size limit"
 PARSE_FAILURE_HINT = "Use -e skip to continue or select the correct input mode."
 JQ_FAILURE_HINT = "Use --in jsonl for line-delimited input."
+OVERSIZE_FAILURE_HINT = "Records are limited to 1 MiB; use -e skip to skip larger ones."
 SKIP_NOTICE_KIND = "ingest_skip"
 SUMMARY_NOTICE_KIND = "ingest_summary"
 SUMMARY_NOTICE_MESSAGE = "ingestion completed with skipped records"
@@ -3088,13 +3089,15 @@ def _parse(text):
 def _stop_hint(mode: str, error_kind=None):
     """Return the hint of the error ``--errors stop`` raises (cli.md 7.5).
 
-    In jq mode every failure, append failures included, points to ``--in jsonl``;
-    elsewhere only Parse failures get a hint.
+    In jq mode every failure, append failures included, points to ``--in jsonl``.
+    Upstream gives Oversize failures no hint; ours says what the limit is.
     """
     if mode == "jq":
         return JQ_FAILURE_HINT
     if error_kind == "Parse":
         return PARSE_FAILURE_HINT
+    if error_kind == "Oversize":
+        return OVERSIZE_FAILURE_HINT
     return None
 
 

@@ -483,3 +483,83 @@ def test_startup_imports_stay_lean(pyz_path):
     for heavy in ("http.server", "http.client", "urllib", "urllib.request", "ssl", "email",
                   "email.utils", "socket", "pathlib"):
         assert heavy not in imported
+
+
+# -- stdin streams through the CLI (spec/cli.md 7.5 and the upstream scenarios of 9) --------------
+
+@pytest.mark.parametrize("stdin, args, count", [
+    (b'{\n  "x": 1,\n  "y": [1, 2]\n}\n', [], 1),
+    (b'data: {"x":1}\n\ndata: {"x":2}\n\n', [], 2),
+    (b'\x1e{"x":1}\x1e{"x":2}', [], 2),
+    (b'\x1e{"x":1}\x1e{"x":2}', ["-i", "seq"], 2),
+    (b'{\n  "x": 1\n}\n', ["-i", "json"], 1),
+    (b'data: {"x":1}\n', [], 1),
+    (b'{"x":1}\n{"x":2}', [], 2),
+    (b'{"x":1} {"x":2}\n[3]', ["-i", "jq"], None),
+])
+def test_stdin_formats(pls, stdin, args, count):
+    pls.run("pool", "create", "demo")
+    result = pls.run("poke", "demo", *args, input=stdin)
+    if count is None:  # jq mode: the array is a record that fails to append
+        assert result.returncode == 2
+        assert json.loads(result.stderr)["error"]["message"] == "data must be object"
+        assert len(result.stdout.splitlines()) == 2
+        return
+    assert result.returncode == 0, result.stderr
+    receipts = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [receipt["seq"] for receipt in receipts] == list(range(1, count + 1))
+    shown = pls.run("peek", "demo", "--tail", str(count), "--jsonl", "--timeout", "0ms")
+    assert [json.loads(line)["seq"] for line in shown.stdout.splitlines()] == list(range(1, count + 1))
+
+
+def test_stdin_errors_skip_and_stop(pls):
+    pls.run("pool", "create", "demo")
+    result = pls.run("poke", "demo", "-i", "jsonl", "-e", "skip", input=b'{"x":1}\nnot-json\n{"x":2}\n')
+    assert result.returncode == 1 and len(result.stdout.splitlines()) == 2
+    notices = [json.loads(line)["notice"] for line in result.stderr.splitlines()]
+    assert notices[0]["kind"] == "ingest_skip" and notices[0]["details"]["snippet"] == "not-json"
+    assert notices[0]["details"]["line"] == 2 and notices[0]["details"]["error_kind"] == "Parse"
+    assert notices[-1]["kind"] == "ingest_summary"
+    assert notices[-1]["details"] == {"failed": 1, "ok": 2, "pool_path": notices[0]["details"][
+        "pool_path"], "total": 3}
+    big = b'{"s":"' + b"x" * (1024 * 1024 + 1) + b'"}\n{"ok":1}\n'
+    result = pls.run("poke", "demo", "-e", "skip", input=big)
+    assert result.returncode == 1 and len(result.stdout.splitlines()) == 1
+    assert json.loads(result.stderr.splitlines()[0])["notice"]["details"]["error_kind"] == "Oversize"
+    result = pls.run("poke", "demo", "-i", "json", "-e", "skip", input=b'{"x":1')
+    assert result.returncode == 1 and b"ingest_skip" in result.stderr
+    code, error = pls.error("poke", "demo", "-i", "jq", "-e", "skip", input=b'{"x":1}')
+    assert code == 2 and error["message"] == "skip is not supported for jq-style streams"
+    code, error = pls.error("poke", "demo", input=b'{"x":1}\nnot-json\n')
+    assert code == 2 and error["message"] == "invalid json input" and "-e skip" in error["hint"]
+    code, error = pls.error("poke", "demo", input=b"   \n\n")
+    assert code == 2 and error["message"] == "missing data input"
+    before = pls.json("pool", "info", "demo", "--json")["bounds"]
+    code, error = pls.error("poke", "demo", input=bytes(range(256)) * 64)
+    assert code == 2 and error["kind"] == "Usage" and error["hint"]
+    assert pls.json("pool", "info", "demo", "--json")["bounds"] == before
+
+
+def test_a_100_mb_line_is_refused_without_loading_it(pls, tmp_path):
+    pls.run("pool", "create", "demo")
+    pls.run("poke", "demo", '{"keep": 1}')
+    big = tmp_path / "big.jsonl"
+    with open(big, "wb") as handle:
+        handle.write(b'{"blob": "')
+        chunk = b"z" * (1024 * 1024)
+        for _ in range(100):
+            handle.write(chunk)
+        handle.write(b'"}\n{"after": 1}\n')
+    with open(big, "rb") as stdin:
+        process = subprocess.run(pls.command("poke", "demo", "-e", "skip"), stdin=stdin,
+                                 capture_output=True, timeout=120)
+    assert process.returncode == 1
+    assert [json.loads(line)["data"] for line in process.stdout.splitlines()] == [{"after": 1}]
+    with open(big, "rb") as stdin:
+        process = subprocess.run(pls.command("poke", "demo"), stdin=stdin, capture_output=True,
+                                 timeout=120)
+    error = json.loads(process.stderr)["error"]
+    assert process.returncode == 2 and error["message"] == "record exceeds size limit"
+    assert "1 MiB" in error["hint"]
+    messages = pls.run("peek", "demo", "--tail", "10", "--jsonl", "--timeout", "0ms").stdout
+    assert [json.loads(line)["data"] for line in messages.splitlines()] == [{"keep": 1}, {"after": 1}]
