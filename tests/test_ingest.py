@@ -10,7 +10,7 @@ import tracemalloc
 
 import pytest
 
-from plasmite import (JQ_FAILURE_HINT, MAX_RECORD_BYTES, PARSE_FAILURE_HINT,
+from plasmite import (JQ_FAILURE_HINT, MAX_RECORD_BYTES, OVERSIZE_FAILURE_HINT, PARSE_FAILURE_HINT,
                       SUMMARY_NOTICE_KIND, SUMMARY_NOTICE_MESSAGE, SKIP_NOTICE_KIND,
                       IngestFailure, IngestRecord, PlasmiteError, check_stream_options,
                       read_records, skip_notice_details, summary_notice_details)
@@ -134,7 +134,7 @@ def test_oversize_line_then_record(mode):
     assert outline(items) == [("fail", 1, "Oversize", "jsonl", 1), ("ok", 2, {"ok": 1})]
     failure = items[0]
     assert failure.message == "record exceeds size limit"
-    assert failure.hint is None
+    assert failure.hint == OVERSIZE_FAILURE_HINT
     assert failure.snippet == '{"s":"' + "a" * 191 + "..."
     assert skip_notice_details(failure, "p")["error_kind"] == "Oversize"
 
@@ -505,7 +505,8 @@ def test_stop_errors_and_hints():
     assert (error.kind, error.message, error.hint) == ("Usage", "invalid json input",
                                                       PARSE_FAILURE_HINT)
     error = oversize.to_error()
-    assert (error.kind, error.message, error.hint) == ("Usage", "record exceeds size limit", None)
+    assert (error.kind, error.message, error.hint) == ("Usage", "record exceeds size limit",
+                                                       OVERSIZE_FAILURE_HINT)
 
 
 def test_read_error_is_io():
