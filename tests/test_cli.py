@@ -563,3 +563,39 @@ def test_a_100_mb_line_is_refused_without_loading_it(pls, tmp_path):
     assert "1 MiB" in error["hint"]
     messages = pls.run("peek", "demo", "--tail", "10", "--jsonl", "--timeout", "0ms").stdout
     assert [json.loads(line)["data"] for line in messages.splitlines()] == [{"keep": 1}, {"after": 1}]
+
+
+# -- --where ----------------------------------------------------------------------------------
+
+def test_peek_where_and_tag_filters(pls):
+    pls.run("pool", "create", "demo")
+    pls.run("poke", "demo", '{"x": 1, "level": "info"}', "--tag", "drop")
+    pls.run("poke", "demo", '{"x": 2, "level": "error"}', "--tag", "keep")
+    pls.run("poke", "demo", '{"x": 3, "level": "error", "msg": "request timeout"}', "--tag", "other")
+
+    def xs(*args):
+        result = pls.run("peek", "demo", "--tail", "10", "--jsonl", "--timeout", "0ms", *args)
+        return [json.loads(line)["data"]["x"] for line in result.stdout.splitlines()]
+
+    assert xs("--where", '.data.level == "error"') == [2, 3]
+    assert xs("--where", '.data.level == "error"', "--tag", "keep") == [2]
+    assert xs("--where", '.data.x > 1', "--where", '.data.msg | test("timeout")') == [3]
+    assert xs("--where", '.meta.tags[]? == "keep"') == [2]
+    assert xs("--tag", "keep", "--tag", "other") == []
+    assert xs("--since", "1h", "--where", ".data.x == 1") == [1]
+    result = pls.run("peek", "demo", "-n", "5", "--data-only", "--jsonl", "--timeout", "0ms",
+                     "--where", '.meta.tags[]? == "keep"')
+    assert result.stdout == b'{"level":"error","x":2}\n'
+
+
+def test_peek_where_errors(pls):
+    pls.run("pool", "create", "demo")
+    pls.run("poke", "demo", '{"x": 1}')
+    code, error = pls.error("peek", "demo", "--where", "not valid jq (")
+    assert code == 2 and error["kind"] == "Usage" and error["message"] == "invalid filter expression"
+    assert error["hint"].startswith("Failed to parse/compile `not valid jq (`.") and "^" in error["hint"]
+    code, error = pls.error("peek", "demo", "-n", "1", "--where", ".data")
+    assert code == 2 and error["kind"] == "Usage"
+    result = pls.run("peek", "demo", "-n", "1", "--jsonl", "--timeout", "0ms",
+                     "--where", ".data.x.y == 1")  # a runtime error: no match, not a failure
+    assert result.returncode == 124 and result.stdout == b""
