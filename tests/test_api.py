@@ -88,7 +88,7 @@ def test_replay_paces_by_original_timing(client):
         pool.append_json(json.dumps({"n": number}), [], timestamp_ns=base + number * 100_000_000)
     started = time.monotonic()
     assert len(list(pool.replay(speed=2.0))) == 3
-    assert 0.08 <= time.monotonic() - started < 1.0
+    assert 0.08 <= time.monotonic() - started < 3.0
 
 
 def test_stream_iteration_and_since_seq(client):
