@@ -582,7 +582,9 @@ def test_peek_where_and_tag_filters(pls):
     assert xs("--where", '.data.x > 1', "--where", '.data.msg | test("timeout")') == [3]
     assert xs("--where", '.meta.tags[]? == "keep"') == [2]
     assert xs("--tag", "keep", "--tag", "other") == []
-    assert xs("--since", "1h", "--where", ".data.x == 1") == [1]
+    result = pls.run("peek", "demo", "--since", "1h", "--where", ".data.x == 1", "--jsonl",
+                     "--timeout", "0ms")
+    assert [json.loads(line)["data"]["x"] for line in result.stdout.splitlines()] == [1]
     result = pls.run("peek", "demo", "-n", "5", "--data-only", "--jsonl", "--timeout", "0ms",
                      "--where", '.meta.tags[]? == "keep"')
     assert result.stdout == b'{"level":"error","x":2}\n'
