@@ -7080,6 +7080,3496 @@ _MODE_READERS = {"jsonl": _read_jsonl, "json": _read_json, "seq": _read_seq,
 
 
 # =============================================================================
+# 9. Remote client
+# =============================================================================
+# The HTTP client behind ``http(s)://host:port/POOL`` refs: ref parsing, one
+# kept-alive connection per server (http.client, ssl and urllib imported
+# lazily), the v0 routes as RemotePool methods, and upstream's status-to-kind
+# mapping, so a remote failure raises the PlasmiteError kind a local one would.
+
+REMOTE_REF_HINT = "Use shorthand: http(s)://host:port/<pool>."
+REMOTE_TOKEN_VARIABLE = "PLASMITE_TOKEN"
+REMOTE_TOKEN_FILE_VARIABLE = "PLASMITE_TOKEN_FILE"
+REMOTE_CA_FILE_VARIABLE = "PLASMITE_CA_FILE"
+REMOTE_CONNECT_TIMEOUT = 30.0  # seconds, as upstream's client
+# Upstream's client has no read timeout.  A plain request gets this long; a
+# stream gets its own timeout_ms plus this, since the server ends it then.
+REMOTE_READ_TIMEOUT = 60.0
+REMOTE_USER_AGENT = "plasmite.py/" + __version__
+LITE3_CONTENT_TYPE = "application/x-plasmite-lite3"
+LITE3_STREAM_CONTENT_TYPE = "application/x-plasmite-lite3-stream"
+# One tail_lite3 frame header: seq, timestamp (ns), payload length; big-endian.
+LITE3_STREAM_FRAME = struct.Struct(">QQI")
+
+# How the client names an error the server sent without a JSON envelope
+# (remote.md 9.1): 5xx is Internal, anything not listed is Io.
+ERROR_KINDS_BY_STATUS = {400: "Usage", 413: "Usage", 401: "Permission", 403: "Permission",
+                         404: "NotFound", 409: "AlreadyExists", 423: "Busy"}
+
+# Patterns stay strings so `import plasmite` compiles none; re caches them on first use.
+_PORT_PATTERN = r"[0-9]+"
+# WHATWG forbidden host code points, plus the percent sign a decoded host may not keep.
+_FORBIDDEN_HOST_CHARACTERS = frozenset(" #%/:<>?@[\\]^|\x7f")
+_DOT_SEGMENTS = frozenset((".", "%2e"))
+_DOUBLE_DOT_SEGMENTS = frozenset(("..", ".%2e", "%2e.", "%2e%2e"))
+
+
+def _split_http_url(text: str) -> tuple:
+    """Split an http(s) URL into ``(scheme, host, port, path, has_query_or_fragment)``.
+
+    Parses as WHATWG URL parsers do where it matters for pool refs: tabs and
+    newlines are dropped, backslashes count as slashes, userinfo is ignored,
+    the host is percent-decoded and lower-cased (IPv6 in brackets, compressed),
+    and the scheme's default port becomes None.  ``path`` is the raw,
+    still percent-encoded path ('' when absent).  Raises ValueError naming the
+    problem ("empty host", "invalid IPv6 address", "invalid port number",
+    "invalid domain character").
+    """
+    from urllib.parse import unquote
+
+    text = re.sub(r"[\t\n\r]", "", text.strip("\x00 "))
+    scheme, _, rest = text.partition("://")
+    scheme = scheme.lower()
+    rest = rest.lstrip("/\\")
+    end = len(rest)
+    for delimiter in "/\\?#":
+        position = rest.find(delimiter)
+        if position != -1:
+            end = min(end, position)
+    authority, remainder = rest[:end], rest[end:]
+    authority = authority.rpartition("@")[2]
+    if authority.startswith("["):
+        import ipaddress
+
+        close = authority.find("]")
+        if close == -1:
+            raise ValueError("invalid IPv6 address")
+        try:
+            host = "[%s]" % ipaddress.IPv6Address(authority[1:close]).compressed
+        except ValueError:
+            raise ValueError("invalid IPv6 address") from None
+        port_text = authority[close + 1:]
+        if port_text and not port_text.startswith(":"):
+            raise ValueError("invalid port number")
+        port_text = port_text[1:]
+    else:
+        host_text, _, port_text = authority.partition(":")
+        host = unquote(host_text).lower()
+        if not host:
+            raise ValueError("empty host")
+        if any(character in _FORBIDDEN_HOST_CHARACTERS or character < " " for character in host):
+            raise ValueError("invalid domain character")
+    port = None
+    if port_text:
+        if not re.fullmatch(_PORT_PATTERN, port_text) or int(port_text) > 65535:
+            raise ValueError("invalid port number")
+        port = int(port_text)
+        if port == (443 if scheme == "https" else 80):
+            port = None
+    cut = len(remainder)
+    for delimiter in "?#":
+        position = remainder.find(delimiter)
+        if position != -1:
+            cut = min(cut, position)
+    return scheme, host, port, remainder[:cut].replace("\\", "/"), cut < len(remainder)
+
+
+def _path_segments(path: str) -> list:
+    """Return the segments of a URL path after WHATWG dot-segment removal."""
+    parts = path[1:].split("/") if path else [""]
+    segments = []
+    for index, part in enumerate(parts):
+        is_last = index == len(parts) - 1
+        lowered = part.lower()
+        if lowered in _DOUBLE_DOT_SEGMENTS:
+            if segments:
+                segments.pop()
+            if is_last:
+                segments.append("")
+        elif lowered in _DOT_SEGMENTS:
+            if is_last:
+                segments.append("")
+        else:
+            segments.append(part)
+    return segments
+
+
+def _base_url(scheme: str, host: str, port) -> str:
+    return "%s://%s%s/" % (scheme, host, "" if port is None else ":%d" % port)
+
+
+def parse_remote_ref(text: str):
+    """Classify a POOL argument: None for a local ref, ``(base_url, pool)`` for a remote one.
+
+    Follows spec/cli.md 6.2: refs starting with ``http://`` or ``https://``
+    must be the shorthand ``http(s)://host[:port]/<pool>``; ``base_url`` is
+    ``scheme://host[:port]/`` (default port dropped) and ``pool`` the single
+    path segment, percent-decoded.  Any other ``scheme://`` is rejected.
+    Raises PlasmiteError Usage with upstream's messages and hints; does no I/O.
+    """
+    if not text.startswith(("http://", "https://")):
+        if "://" in text:
+            raise PlasmiteError("Usage", "remote pool ref must use http or https scheme",
+                                hint=REMOTE_REF_HINT)
+        return None
+    from urllib.parse import unquote
+
+    try:
+        scheme, host, port, path, has_query = _split_http_url(text)
+    except ValueError as err:
+        raise PlasmiteError("Usage", "invalid remote pool ref", hint=REMOTE_REF_HINT,
+                            causes=[str(err)]) from None
+    if has_query:
+        raise PlasmiteError("Usage", "remote pool ref must not include query or fragment",
+                            hint=REMOTE_REF_HINT)
+    if "%2f" in path.lower():
+        raise PlasmiteError("Usage", "remote pool name must not contain path separators",
+                            hint="Use a single pool segment: http(s)://host:port/<pool>.")
+    segments = _path_segments(path)
+    if len(segments) != 1 or segments[0] in ("", "pool"):
+        raise PlasmiteError("Usage",
+                            "remote pool ref must use shorthand http(s)://host:port/<pool>",
+                            hint="API-shaped URLs are not accepted as pool refs.")
+    return _base_url(scheme, host, port), unquote(segments[0])
+
+
+def parse_server_url(text: str) -> str:
+    """Parse a server argument (``pool list URL``); return its base URL ``scheme://host[:port]/``.
+
+    Accepts ``http(s)://host[:port]`` with an optional trailing ``/``.
+    Raises PlasmiteError Usage for anything else (other schemes, a path,
+    query or fragment).
+    """
+    if not text.startswith(("http://", "https://")):
+        raise PlasmiteError("Usage", "server URL must use http or https scheme",
+                            hint="Use http(s)://host:port.")
+    try:
+        scheme, host, port, path, has_query = _split_http_url(text)
+    except ValueError as err:
+        raise PlasmiteError("Usage", "invalid server URL", hint="Use http(s)://host:port.",
+                            causes=[str(err)]) from None
+    if has_query or path not in ("", "/"):
+        raise PlasmiteError("Usage", "server URL must not include a path, query or fragment",
+                            hint="Use http(s)://host:port (pool names go in pool refs).")
+    return _base_url(scheme, host, port)
+
+
+def read_remote_token():
+    """Return the bearer token for remote refs from the environment, or None.
+
+    PLASMITE_TOKEN holds the token itself; PLASMITE_TOKEN_FILE names a file
+    holding it (surrounding whitespace trimmed, as ``serve --token-file``).
+    Raises PlasmiteError Usage when both are set or the file is blank, Io
+    when the file cannot be read.
+    """
+    token = os.environ.get(REMOTE_TOKEN_VARIABLE)
+    token_path = os.environ.get(REMOTE_TOKEN_FILE_VARIABLE)
+    if token and token_path:
+        raise PlasmiteError("Usage", "%s cannot be combined with %s"
+                            % (REMOTE_TOKEN_VARIABLE, REMOTE_TOKEN_FILE_VARIABLE),
+                            hint="Set only one of them.")
+    if token:
+        return token
+    if not token_path:
+        return None
+    try:
+        with open(token_path, encoding="utf-8") as token_file:
+            token = token_file.read().strip()
+    except (OSError, UnicodeDecodeError) as err:
+        cause = describe_os_error(err) if isinstance(err, OSError) else \
+            "stream did not contain valid UTF-8"
+        raise PlasmiteError("Io", "failed to read token file", path=token_path,
+                            causes=[cause]) from err
+    if not token:
+        raise PlasmiteError("Usage", "token file is empty", path=token_path,
+                            hint="Write the server's token into %s." % REMOTE_TOKEN_FILE_VARIABLE)
+    return token
+
+
+def _quote_segment(name: str) -> str:
+    from urllib.parse import quote
+
+    return quote(name, safe="")
+
+
+def _transport_error(url: str, err: Exception) -> PlasmiteError:
+    """Describe a failure to reach a server as upstream does: Io "request failed"."""
+    import socket
+    import ssl
+
+    hint = None
+    if isinstance(err, ssl.SSLCertVerificationError):
+        detail = "certificate verify failed: %s" % (err.verify_message or err.reason)
+        hint = ("The server's certificate is not trusted; set %s to its CA or certificate file "
+                "(serve init writes serve-cert.pem)." % REMOTE_CA_FILE_VARIABLE)
+    elif isinstance(err, socket.gaierror):
+        detail = "failed to lookup address information: %s" % err.strerror
+    elif isinstance(err, socket.timeout):
+        detail = "timed out"
+    elif isinstance(err, OSError) and err.errno:
+        detail = describe_os_error(err)
+    else:
+        detail = str(err) or type(err).__name__
+    if isinstance(err, ConnectionRefusedError):
+        causes = ["%s: Connection Failed: Connect error: %s" % (url, detail), detail]
+    else:
+        causes = ["%s: %s" % (url, detail), detail]
+    return PlasmiteError("Io", "request failed", hint=hint, causes=causes)
+
+
+def remote_status_error(status: int, payload: bytes) -> PlasmiteError:
+    """Turn a non-2xx response into the PlasmiteError it stands for (remote.md 9.1).
+
+    A JSON error envelope gives its kind (unknown kinds become Internal),
+    message, path, seq and offset; otherwise the kind follows the status and
+    the message is ``remote error status <code>``.
+    """
+    try:
+        fields = json.loads(payload.decode("utf-8"))["error"]
+        kind = fields["kind"]  # TypeError unless fields is a dict
+    except (ValueError, KeyError, TypeError, AttributeError):
+        kind = "Internal" if status >= 500 else ERROR_KINDS_BY_STATUS.get(status, "Io")
+        return PlasmiteError(kind, "remote error status %d" % status)
+    if kind not in EXIT_CODES:
+        kind = "Internal"
+    message, path, seq, offset = (fields.get(name) for name in ("message", "path", "seq", "offset"))
+    return PlasmiteError(kind, message if isinstance(message, str) else None,
+                         path=path if isinstance(path, str) else None,
+                         seq=seq if isinstance(seq, int) else None,
+                         offset=offset if isinstance(offset, int) else None)
+
+
+def _response_field(document, key: str, expected_type=dict):
+    """Return ``document[key]`` if the server's JSON has that shape, else Internal."""
+    if not isinstance(document, dict) or not isinstance(document.get(key), expected_type):
+        raise PlasmiteError("Internal", "invalid response json")
+    return document[key]
+
+
+class RemoteClient:
+    """A client for one plasmite server, e.g. ``RemoteClient("http://127.0.0.1:9700/")``.
+
+    Sends HTTP/1.1 requests over one kept-alive connection (reopened when the
+    server closed it), with ``Authorization: Bearer <token>`` when a token is
+    known, and verifies HTTPS against the system trust store or ``ca_file``.
+    ``token`` and ``ca_file`` default to PLASMITE_TOKEN / PLASMITE_TOKEN_FILE
+    and PLASMITE_CA_FILE; pass "" for none.  Errors are PlasmiteError: the kind the server
+    reported (remote.md 9.1), Io "request failed" when it cannot be reached.
+    Blocks on the network; not thread-safe (one client per thread).  Close it
+    with :meth:`close` or use it as a context manager.
+    """
+
+    def __init__(self, base_url: str, token=None, ca_file=None):
+        try:
+            scheme, host, port, path, has_query = _split_http_url(base_url)
+        except ValueError as err:
+            raise PlasmiteError("Usage", "invalid server URL", causes=[str(err)]) from None
+        if scheme not in ("http", "https") or has_query:
+            raise PlasmiteError("Usage", "invalid server URL",
+                                hint="Use http(s)://host:port.")
+        self.is_tls = scheme == "https"
+        self.host = host[1:-1] if host.startswith("[") else host
+        self.port = port if port is not None else (443 if self.is_tls else 80)
+        self.path_prefix = path.rstrip("/")
+        self.base_url = _base_url(scheme, host, port)[:-1] + self.path_prefix + "/"
+        # An empty token or CA file means none (and the environment is not consulted).
+        self.token = (token if token is not None else read_remote_token()) or None
+        self.ca_file = (ca_file if ca_file is not None
+                        else os.environ.get(REMOTE_CA_FILE_VARIABLE)) or None
+        self._connection = None
+        self._is_streaming = False
+
+    def __enter__(self) -> "RemoteClient":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the connection (a later request opens a new one). Idempotent."""
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
+        self._is_streaming = False
+
+    # -- transport ----------------------------------------------------------
+
+    def _tls_context(self):
+        import ssl
+
+        try:
+            return ssl.create_default_context(cafile=self.ca_file)
+        except (OSError, ssl.SSLError) as err:
+            raise PlasmiteError("Io", "failed to load CA file", path=self.ca_file,
+                                causes=[str(err)]) from err
+
+    def _connect(self, read_timeout) -> tuple:
+        """Return (connection, is_reused), connected, with ``read_timeout`` on its socket."""
+        import http.client
+
+        if self._is_streaming:
+            self.close()  # a stream left unfinished: its connection is mid-body
+        connection = self._connection
+        is_reused = connection is not None and connection.sock is not None
+        if connection is None:
+            if self.is_tls:
+                connection = http.client.HTTPSConnection(
+                    self.host, self.port, timeout=REMOTE_CONNECT_TIMEOUT,
+                    context=self._tls_context())
+            else:
+                connection = http.client.HTTPConnection(self.host, self.port,
+                                                        timeout=REMOTE_CONNECT_TIMEOUT)
+            self._connection = connection
+        if connection.sock is None:
+            connection.connect()
+        connection.sock.settimeout(read_timeout)
+        return connection, is_reused
+
+    def send(self, method: str, target: str, body=None, content_type="application/json",
+             read_timeout=REMOTE_READ_TIMEOUT):
+        """Send one request for ``target`` (a path such as ``/v0/pools``); return the response.
+
+        The status and headers are read, the body is not.  A request that
+        meets a kept-alive connection the server has just closed is sent again
+        once on a new connection (the server never saw it).  Raises
+        PlasmiteError Io "request failed" on transport errors.
+        """
+        import http.client
+
+        headers = {"Accept": "application/json", "User-Agent": REMOTE_USER_AGENT}
+        if body is not None:
+            headers["Content-Type"] = content_type
+        if self.token is not None:
+            headers["Authorization"] = ("Bearer " + self.token).encode("utf-8")
+        may_resend = True
+        while True:
+            is_reused = False
+            try:
+                connection, is_reused = self._connect(read_timeout)
+                connection.request(method, self.path_prefix + target, body=body, headers=headers)
+                return connection.getresponse()
+            except (OSError, http.client.HTTPException) as err:
+                self.close()
+                is_stale = isinstance(err, (ConnectionResetError, BrokenPipeError,
+                                            http.client.RemoteDisconnected))
+                if not (may_resend and is_reused and is_stale):
+                    raise _transport_error(self.base_url + target.lstrip("/"), err) from err
+                may_resend = False
+
+    def _read_body(self, response, target: str) -> bytes:
+        """Read a whole response body; Io "request failed" if the connection breaks."""
+        import http.client
+
+        try:
+            return response.read()
+        except (OSError, http.client.HTTPException) as err:
+            self.close()
+            raise _transport_error(self.base_url + target.lstrip("/"), err) from err
+
+    def fetch(self, method: str, target: str, body=None, content_type="application/json") -> tuple:
+        """Send a request and read the whole response; return (response, body bytes).
+
+        Raises the PlasmiteError a non-2xx status stands for, or Io.
+        """
+        response = self.send(method, target, body, content_type)
+        payload = self._read_body(response, target)
+        if not 200 <= response.status < 300:
+            raise remote_status_error(response.status, payload)
+        return response, payload
+
+    def fetch_json(self, method: str, target: str, document=None, body=None,
+                   content_type="application/json"):
+        """Send ``document`` as JSON (or ``body`` as is); return the parsed JSON response.
+
+        Raises PlasmiteError as :meth:`fetch`, and Internal "invalid response
+        json" when a success response is not JSON.
+        """
+        if document is not None:
+            body = dump_json(document).encode("utf-8")
+        _response, payload = self.fetch(method, target, body, content_type)
+        try:
+            return parse_json_value(payload)
+        except PlasmiteError:
+            raise PlasmiteError("Internal", "invalid response json") from None
+
+    def open_stream(self, target: str, read_timeout):
+        """GET a streaming route; return the response once its 200 status has arrived.
+
+        The connection stays busy until :meth:`read_stream` or
+        :meth:`read_frames` has read the stream to its end.
+        """
+        response = self.send("GET", target, read_timeout=read_timeout)
+        if response.status != 200:
+            raise remote_status_error(response.status, self._read_body(response, target))
+        self._is_streaming = True
+        return response
+
+    def read_stream(self, response):
+        """Yield the non-empty lines of a streamed body until it ends cleanly.
+
+        Raises PlasmiteError Io "failed to read tail stream" when the stream
+        breaks off (upstream's servers abort the body on late errors).  Reads
+        with read1, which reports a chunked body cut short (readline would
+        take it for the end).
+        """
+        import http.client
+
+        pending = b""
+        try:
+            while True:
+                try:
+                    data = response.read1(65536)
+                except (OSError, http.client.HTTPException, ValueError) as err:
+                    raise PlasmiteError("Io", "failed to read tail stream",
+                                        causes=[str(err) or type(err).__name__]) from err
+                if not data:
+                    self._is_streaming = False
+                    if pending.strip():
+                        yield pending
+                    return
+                lines = (pending + data).split(b"\n")
+                pending = lines.pop()
+                for line in lines:
+                    if line.strip():
+                        yield line
+        finally:
+            if self._is_streaming:
+                self.close()
+
+    def read_frames(self, response):
+        """Yield Frame(seq, timestamp_ns, payload) from a tail_lite3 body until it ends.
+
+        Raises PlasmiteError Io "failed to read tail stream" on a broken stream.
+        """
+        import http.client
+
+        try:
+            while True:
+                try:
+                    header = response.read(LITE3_STREAM_FRAME.size)
+                    if not header:
+                        self._is_streaming = False
+                        return
+                    if len(header) < LITE3_STREAM_FRAME.size:
+                        raise ValueError("truncated frame header")
+                    seq, timestamp_ns, length = LITE3_STREAM_FRAME.unpack(header)
+                    payload = response.read(length)
+                    if len(payload) < length:
+                        raise ValueError("truncated frame payload")
+                except (OSError, http.client.HTTPException, ValueError) as err:
+                    raise PlasmiteError("Io", "failed to read tail stream",
+                                        causes=[str(err) or type(err).__name__]) from err
+                yield Frame(seq, timestamp_ns, payload)
+        finally:
+            if self._is_streaming:
+                self.close()
+
+    # -- server-wide operations ---------------------------------------------
+
+    def list_pools(self) -> list:
+        """Return the server's pools (``GET /v0/pools``): pool info dicts with name and path."""
+        return _response_field(self.fetch_json("GET", "/v0/pools"), "pools", list)
+
+    def create_pool(self, name: str, size_bytes=None) -> dict:
+        """Create a pool on the server; return its info. AlreadyExists if it exists."""
+        document = {"pool": name}
+        if size_bytes is not None:
+            document["size_bytes"] = size_bytes
+        try:
+            return _response_field(self.fetch_json("POST", "/v0/pools", document), "pool")
+        except PlasmiteError as err:
+            err.path = name
+            raise
+
+    def delete_pool(self, name: str) -> None:
+        """Delete a pool on the server. NotFound if it does not exist."""
+        try:
+            self.fetch_json("DELETE", "/v0/pools/" + _quote_segment(name))
+        except PlasmiteError as err:
+            err.path = name
+            raise
+
+    def open_pool(self, name: str) -> "RemotePool":
+        """Open a pool on the server (``POST /v0/pools/open``); NotFound if missing."""
+        try:
+            info = _response_field(self.fetch_json("POST", "/v0/pools/open", {"pool": name}),
+                                   "pool")
+        except PlasmiteError as err:
+            err.path = name
+            raise
+        return RemotePool(self, name, info)
+
+
+class RemotePool:
+    """A pool on a plasmite server, used through the HTTP v0 routes.
+
+    Offers what the CLI needs of a LocalPool: ``info``, ``append``,
+    ``append_lite3``, ``get``, ``get_lite3``, ``tail`` and ``tail_lite3``.
+    Messages are dicts shaped like :func:`message_fields` returns.  Every
+    error is the PlasmiteError the server reported, with ``path`` set to the
+    pool name (and ``seq`` for get), as upstream's client does; transport
+    failures are Io.  ``opened_info`` is the pool info the open returned.
+    Not thread-safe; closing it closes its client.
+    """
+
+    def __init__(self, client: RemoteClient, name: str, opened_info=None):
+        self.client = client
+        self.name = name
+        self.opened_info = opened_info
+
+    @classmethod
+    def open(cls, base_url: str, name: str, token=None, ca_file=None) -> "RemotePool":
+        """Connect to ``base_url`` and open pool ``name`` there (see RemoteClient for auth/TLS)."""
+        client = RemoteClient(base_url, token, ca_file)
+        try:
+            return client.open_pool(name)
+        except BaseException:
+            client.close()
+            raise
+
+    def close(self) -> None:
+        """Close the underlying client connection."""
+        self.client.close()
+
+    def __enter__(self) -> "RemotePool":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def _target(self, suffix: str) -> str:
+        return "/v0/pools/" + _quote_segment(self.name) + suffix
+
+    def _fetch_json(self, method: str, suffix: str, document=None, seq=None, **raw_body):
+        try:
+            return self.client.fetch_json(method, self._target(suffix), document, **raw_body)
+        except PlasmiteError as err:
+            err.path = self.name
+            if seq is not None:
+                err.seq = seq
+            raise
+
+    # -- reading and writing --------------------------------------------------
+
+    def info(self) -> dict:
+        """Return the pool info (``pool info --json`` shape; ``path`` is the server's)."""
+        return _response_field(self._fetch_json("GET", "/info"), "pool")
+
+    def append(self, data, tags=(), durability="fast") -> dict:
+        """Append ``data`` (a dict) with tags; return the committed message as the server echoes it.
+
+        ``durability`` "flush" asks the server to flush; anything else is fast.
+        Non-object data is rejected by the server: Usage "data must be object".
+        """
+        document = {"data": data, "durability": "flush" if durability == "flush" else "fast",
+                    "tags": list(tags)}
+        return _response_field(self._fetch_json("POST", "/append", document), "message")
+
+    def append_lite3(self, payload, durability="fast") -> dict:
+        """Append a Lite3 message payload as is; return the stored message.
+
+        An invalid payload is refused by the server with Corrupt.
+        """
+        suffix = "/append_lite3" + ("?durability=flush" if durability == "flush" else "")
+        document = self._fetch_json("POST", suffix, body=bytes(payload),
+                                    content_type=LITE3_CONTENT_TYPE)
+        return _response_field(document, "message")
+
+    def get(self, seq: int) -> dict:
+        """Return message ``seq``; NotFound "message not found" when it is not stored."""
+        return _response_field(self._fetch_json("GET", "/messages/%d" % seq, seq=seq), "message")
+
+    def get_lite3(self, seq: int) -> bytes:
+        """Return the stored Lite3 payload of message ``seq`` (Corrupt if it is invalid)."""
+        try:
+            _response, payload = self.client.fetch("GET", self._target("/messages/%d/lite3" % seq))
+        except PlasmiteError as err:
+            err.path = self.name
+            err.seq = seq
+            raise
+        return payload
+
+    def _open_stream(self, suffix: str, since_seq, timeout_ms, max_messages, tags):
+        from urllib.parse import urlencode
+
+        query = [(name, str(int(value))) for name, value in (
+            ("since_seq", since_seq), ("max", max_messages), ("timeout_ms", timeout_ms))
+            if value is not None]
+        query += [("tag", tag) for tag in tags]
+        target = self._target(suffix) + ("?" + urlencode(query) if query else "")
+        read_timeout = None if timeout_ms is None else timeout_ms / 1000 + REMOTE_READ_TIMEOUT
+        try:
+            return self.client.open_stream(target, read_timeout)
+        except PlasmiteError as err:
+            err.path = self.name
+            raise
+
+    def tail(self, since_seq=None, timeout_ms=None, max_messages=None, tags=()):
+        """Stream messages (``GET .../tail``); return an iterator of message dicts.
+
+        The request is sent now (so a refused stream raises here); the
+        iterator ends when the server ends the stream (``max_messages``
+        delivered, or ``timeout_ms`` after the request; the server's limit
+        when None).  Without ``since_seq`` the server starts at the oldest
+        message.  Iterating raises Io "failed to read tail stream" for a
+        broken stream and Internal "invalid tail message json" for a bad line.
+        """
+        response = self._open_stream("/tail", since_seq, timeout_ms, max_messages, tags)
+        return self._messages(response)
+
+    def _messages(self, response):
+        for line in self.client.read_stream(response):
+            try:
+                message = parse_json_value(line)
+            except PlasmiteError:
+                message = None
+            if not isinstance(message, dict):
+                raise PlasmiteError("Internal", "invalid tail message json", path=self.name)
+            yield message
+
+    def tail_lite3(self, since_seq=None, timeout_ms=None, max_messages=None, tags=()):
+        """Stream raw messages (``GET .../tail_lite3``); return an iterator of Frame tuples.
+
+        Same arguments and endings as :meth:`tail`; frames carry seq,
+        timestamp_ns and the stored Lite3 payload.
+        """
+        response = self._open_stream("/tail_lite3", since_seq, timeout_ms, max_messages, tags)
+        return self.client.read_frames(response)
+
+
+def list_remote_pools(base_url: str, token=None, ca_file=None) -> list:
+    """Return the pools a server offers (``GET /v0/pools``), as pool info dicts sorted by name."""
+    with RemoteClient(base_url, token, ca_file) as client:
+        pools = client.list_pools()
+    if not all(isinstance(entry, dict) for entry in pools):
+        raise PlasmiteError("Internal", "invalid response json")
+    return sorted(pools, key=lambda entry: str(entry.get("name", "")))
+
+
+# =============================================================================
+# 10. Server and web UI
+# =============================================================================
+# ``pls serve``: validated options (ServeConfig), ``serve check``/``serve init``
+# documents, TLS loading, and a ThreadingHTTPServer speaking HTTP protocol v0
+# (remote.md 5-7) over LocalPool: a dict of small route functions, one
+# try/except boundary per request, bearer auth, access modes, limits, JSONL /
+# Lite3 / SSE streams.  http.server, ssl and socket are imported lazily.
+
+# -- self-signed TLS certificate ----------------------------------------------
+# Python's ssl module can load a certificate but not make one, so this part mints
+# the one upstream makes with rcgen (spec/remote.md 2.2): ECDSA over NIST P-256 with
+# Python ints (SEC 1, FIPS 186-4, deterministic nonces of RFC 6979), a small DER
+# writer (X.690) and an X.509 v3 certificate (RFC 5280).  hashlib, hmac, ipaddress
+# and secrets are imported only when a certificate is made (secrets alone costs
+# about 7 ms of import time), so `import plasmite` does not pay for them.
+
+# NIST P-256 (SEC 2 2.4.2, FIPS 186-4 D.1.2.3): the curve y^2 = x^3 - 3x + b over
+# the integers modulo a prime, and a generator point of prime order (cofactor 1,
+# so every point but infinity has that order).  The doubling formula below relies
+# on the coefficient a being -3.
+_P256_PRIME = 2**256 - 2**224 + 2**192 + 2**96 - 1
+_P256_B = 0x5AC635D8AA3A93E7B3EBBD55769886BC651D06B0CC53B0F63BCE3C3E27D2604B
+_P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+_P256_GENERATOR = (0x6B17D1F2E12C4247F8BCE6E563A440F277037D812DEB33A0F4A13945D898C296,
+                   0x4FE342E2FE1A7F9B8EE7EB4A7C0F9E162BCE33576B315ECECBB6406837BF51F5)
+_P256_SCALAR_BYTES = 32  # field elements and scalars are both 256 bits long
+
+# A Jacobian point (x, y, z) stands for the affine point (x/z^2, y/z^3), which lets
+# additions and doublings skip the modular inverse; z == 0 is the point at infinity.
+# Coordinate names follow the formulas of the Explicit-Formulas Database.
+_INFINITY = (1, 1, 0)
+
+# Object identifiers, in dotted form; _der_object_identifier encodes them.
+_OID_COMMON_NAME = "2.5.4.3"  # X.520
+_OID_SUBJECT_ALT_NAME = "2.5.29.17"  # RFC 5280 4.2.1.6
+_OID_BASIC_CONSTRAINTS = "2.5.29.19"  # RFC 5280 4.2.1.9
+_OID_EC_PUBLIC_KEY = "1.2.840.10045.2.1"  # RFC 5480 2.1.1
+_OID_PRIME256V1 = "1.2.840.10045.3.1.7"  # RFC 5480 2.1.1.1 (secp256r1)
+_OID_ECDSA_WITH_SHA256 = "1.2.840.10045.4.3.2"  # RFC 5758 3.2
+
+# DER tags (X.690 8.1.2): one byte each here; bit 0x20 marks a constructed value,
+# and 0x80 / 0xA0 start the context-specific tags [0], [1], ... used by X.509.
+_TAG_BOOLEAN = 0x01
+_TAG_INTEGER = 0x02
+_TAG_BIT_STRING = 0x03
+_TAG_OCTET_STRING = 0x04
+_TAG_OBJECT_IDENTIFIER = 0x06
+_TAG_UTF8_STRING = 0x0C
+_TAG_UTC_TIME = 0x17
+_TAG_GENERALIZED_TIME = 0x18
+_TAG_SEQUENCE = 0x30
+_TAG_SET = 0x31
+_TAG_CONTEXT_PRIMITIVE = 0x80  # IMPLICIT [n] of a primitive type: tag is 0x80 | n
+_TAG_CONTEXT_CONSTRUCTED = 0xA0  # EXPLICIT [n]: tag is 0xA0 | n
+
+# What upstream's rcgen certificate carries (spec/remote.md 2.2).
+_CERTIFICATE_COMMON_NAME = "rcgen self signed cert"
+_CERTIFICATE_NOT_BEFORE = (1975, 1, 1)
+_CERTIFICATE_NOT_AFTER = (4096, 1, 1)
+_CERTIFICATE_DNS_NAMES = ("localhost",)
+_CERTIFICATE_IP_ADDRESSES = ("127.0.0.1", "::1")
+_SERIAL_NUMBER_BITS = 159  # RFC 5280 4.1.2.2: positive and at most 20 octets, sign bit included
+_PEM_LINE_CHARACTERS = 64  # RFC 7468 2: base64 lines of exactly 64 characters but the last
+
+
+# -- P-256 arithmetic and ECDSA --
+
+
+def _double_point(point: tuple) -> tuple:
+    """Return 2*point for a Jacobian point on P-256 (formula dbl-2001-b, a = -3).
+
+    Needs no special case: z3 = 2*y1*z1, so infinity (z1 == 0) doubles to infinity.
+    """
+    x1, y1, z1 = point
+    prime = _P256_PRIME
+    delta = z1 * z1 % prime
+    gamma = y1 * y1 % prime
+    beta = x1 * gamma % prime
+    alpha = 3 * (x1 - delta) * (x1 + delta) % prime
+    x3 = (alpha * alpha - 8 * beta) % prime
+    z3 = ((y1 + z1) * (y1 + z1) - gamma - delta) % prime
+    y3 = (alpha * (4 * beta - x3) - 8 * gamma * gamma) % prime
+    return x3, y3, z3
+
+
+def _add_points(point: tuple, other: tuple) -> tuple:
+    """Return point + other for two Jacobian points on P-256 (formula add-1998-cmo-2).
+
+    The formula breaks down when the two affine points share an x coordinate, so
+    that case becomes a doubling (same point) or infinity (a point and its negation).
+    """
+    x1, y1, z1 = point
+    x2, y2, z2 = other
+    if z1 == 0:
+        return other
+    if z2 == 0:
+        return point
+    prime = _P256_PRIME
+    z1_squared = z1 * z1 % prime
+    z2_squared = z2 * z2 % prime
+    u1 = x1 * z2_squared % prime  # both x coordinates over the common denominator
+    u2 = x2 * z1_squared % prime
+    s1 = y1 * z2 * z2_squared % prime  # both y coordinates over the common denominator
+    s2 = y2 * z1 * z1_squared % prime
+    if u1 == u2:
+        return _double_point(point) if s1 == s2 else _INFINITY
+    u_difference = (u2 - u1) % prime
+    s_difference = (s2 - s1) % prime
+    u_difference_squared = u_difference * u_difference % prime
+    u_difference_cubed = u_difference * u_difference_squared % prime
+    u1_scaled = u1 * u_difference_squared % prime
+    x3 = (s_difference * s_difference - u_difference_cubed - 2 * u1_scaled) % prime
+    y3 = (s_difference * (u1_scaled - x3) - s1 * u_difference_cubed) % prime
+    z3 = z1 * z2 * u_difference % prime
+    return x3, y3, z3
+
+
+def _multiply_point(scalar: int, point: tuple = _P256_GENERATOR) -> tuple:
+    """Return scalar*point as an affine (x, y) pair; point is affine and on P-256.
+
+    scalar must be in [1, order - 1], which keeps the result away from infinity.
+    Plain double-and-add, so the running time depends on the scalar's bits: Python
+    ints are not constant-time anyway, and a key made and used once on the local
+    machine gives no one a timing oracle to query.
+    """
+    result = _INFINITY
+    addend = (point[0], point[1], 1)
+    for bit in bin(scalar)[2:]:
+        result = _double_point(result)
+        if bit == "1":
+            result = _add_points(result, addend)
+    x, y, z = result
+    z_inverse = pow(z, -1, _P256_PRIME)
+    z_inverse_squared = z_inverse * z_inverse % _P256_PRIME
+    return (x * z_inverse_squared % _P256_PRIME,
+            y * z_inverse_squared * z_inverse % _P256_PRIME)
+
+
+def _generate_key_pair() -> tuple:
+    """Return a fresh P-256 key pair: (private scalar, public affine point).
+
+    The private scalar is uniform in [1, order - 1], drawn from the OS random source.
+    """
+    import secrets
+
+    private_scalar = secrets.randbelow(_P256_ORDER - 1) + 1
+    return private_scalar, _multiply_point(private_scalar)
+
+
+def _generate_nonces(private_scalar: int, digest: bytes):
+    """Yield ECDSA nonces for signing a SHA-256 digest, as RFC 6979 3.2 derives them.
+
+    The nonces are HMAC-SHA-256 outputs keyed by the private scalar and the digest,
+    so a weak or repeated random source can never make two signatures share a nonce
+    (which would reveal the key).  P-256's order and SHA-256 are both 256 bits long,
+    so bits2int is a plain big-endian read and bits2octets one reduction modulo the
+    order.  Yields candidates in [1, order - 1] for as long as the caller asks.
+    """
+    import hmac
+
+    order = _P256_ORDER
+    seed = (private_scalar.to_bytes(_P256_SCALAR_BYTES, "big")
+            + (int.from_bytes(digest, "big") % order).to_bytes(_P256_SCALAR_BYTES, "big"))
+    # hmac_key and state are K and V of the RFC (steps b-g).
+    state = b"\x01" * 32
+    hmac_key = hmac.digest(b"\x00" * 32, state + b"\x00" + seed, "sha256")
+    state = hmac.digest(hmac_key, state, "sha256")
+    hmac_key = hmac.digest(hmac_key, state + b"\x01" + seed, "sha256")
+    state = hmac.digest(hmac_key, state, "sha256")
+    while True:  # step h: one HMAC output is exactly one 256-bit candidate
+        state = hmac.digest(hmac_key, state, "sha256")
+        candidate = int.from_bytes(state, "big")
+        if 1 <= candidate < order:
+            yield candidate
+        hmac_key = hmac.digest(hmac_key, state + b"\x00", "sha256")
+        state = hmac.digest(hmac_key, state, "sha256")
+
+
+def _sign_digest(private_scalar: int, digest: bytes) -> tuple:
+    """Return the ECDSA signature (r, s) of a SHA-256 digest (FIPS 186-4 6.4).
+
+    r and s are the two INTEGERs of ECDSA-Sig-Value (RFC 5480 2.2 names them so).
+    s is not normalised to the lower half of the order: X.509 verifiers accept both
+    halves, and RFC 6979's test vectors keep the raw value.
+    """
+    order = _P256_ORDER
+    digest_number = int.from_bytes(digest, "big")  # a 256-bit digest needs no truncation
+    for nonce in _generate_nonces(private_scalar, digest):
+        r = _multiply_point(nonce)[0] % order
+        s = pow(nonce, -1, order) * (digest_number + r * private_scalar) % order
+        if r != 0 and s != 0:  # RFC 6979 3.2 h.3: otherwise take the next nonce
+            return r, s
+
+
+# -- DER encoding (X.690) --
+# Each function returns one complete TLV: tag, length, contents.
+
+
+def _der(tag: int, contents: bytes) -> bytes:
+    """Return a DER value: tag byte, definite length (short or long form), contents."""
+    length = len(contents)
+    if length < 0x80:
+        return bytes((tag, length)) + contents
+    length_bytes = length.to_bytes((length.bit_length() + 7) // 8, "big")
+    return bytes((tag, 0x80 | len(length_bytes))) + length_bytes + contents
+
+
+def _der_integer(number: int) -> bytes:
+    """Return a non-negative INTEGER in the fewest octets that keep its sign bit clear."""
+    return _der(_TAG_INTEGER, number.to_bytes(number.bit_length() // 8 + 1, "big"))
+
+
+def _der_bit_string(contents: bytes) -> bytes:
+    """Return a BIT STRING of whole octets (the leading octet counts 0 unused bits)."""
+    return _der(_TAG_BIT_STRING, b"\x00" + contents)
+
+
+def _der_octet_string(contents: bytes) -> bytes:
+    """Return an OCTET STRING."""
+    return _der(_TAG_OCTET_STRING, contents)
+
+
+def _der_object_identifier(dotted: str) -> bytes:
+    """Return an OBJECT IDENTIFIER from its dotted form, such as "2.5.4.3".
+
+    The first two arcs share one subidentifier (40 * first + second); each
+    subidentifier is base 128, most significant group first, with the high bit set
+    on every byte but its last (X.690 8.19).
+    """
+    arcs = [int(arc) for arc in dotted.split(".")]
+    encoded = bytearray()
+    for subidentifier in [40 * arcs[0] + arcs[1]] + arcs[2:]:
+        groups = [subidentifier & 0x7F]
+        subidentifier >>= 7
+        while subidentifier:
+            groups.append(0x80 | (subidentifier & 0x7F))
+            subidentifier >>= 7
+        encoded.extend(reversed(groups))
+    return _der(_TAG_OBJECT_IDENTIFIER, bytes(encoded))
+
+
+def _der_time(year: int, month: int, day: int) -> bytes:
+    """Return midnight UTC of a date as a certificate Time.
+
+    RFC 5280 4.1.2.5: UTCTime (two-digit year) for 1950 through 2049, GeneralizedTime
+    (four-digit year) from 2050 on; both end in "Z" and always carry seconds.
+    """
+    if 1950 <= year < 2050:
+        return _der(_TAG_UTC_TIME, b"%02d%02d%02d000000Z" % (year % 100, month, day))
+    return _der(_TAG_GENERALIZED_TIME, b"%04d%02d%02d000000Z" % (year, month, day))
+
+
+def _der_sequence(*elements: bytes) -> bytes:
+    """Return a SEQUENCE of already encoded elements, in the order given."""
+    return _der(_TAG_SEQUENCE, b"".join(elements))
+
+
+def _der_set(*elements: bytes) -> bytes:
+    """Return a SET of already encoded elements.
+
+    DER sorts the elements of a SET OF; callers here pass a single element.
+    """
+    return _der(_TAG_SET, b"".join(elements))
+
+
+def _der_explicit(number: int, element: bytes) -> bytes:
+    """Return an EXPLICIT [number] tag wrapped around one encoded element."""
+    return _der(_TAG_CONTEXT_CONSTRUCTED | number, element)
+
+
+# -- the certificate and key --
+
+
+def _encode_extension(oid: str, value: bytes, *, is_critical: bool = False) -> bytes:
+    """Return an X.509 Extension: its OID, the critical flag, the DER value it wraps.
+
+    DER leaves out a field equal to its DEFAULT, so a non-critical extension has no
+    BOOLEAN at all (RFC 5280 4.1: ``critical BOOLEAN DEFAULT FALSE``).
+    """
+    critical_flag = _der(_TAG_BOOLEAN, b"\xff") if is_critical else b""
+    return _der_sequence(_der_object_identifier(oid), critical_flag, _der_octet_string(value))
+
+
+def _encode_public_key(public_point: tuple) -> bytes:
+    """Return a public point in SEC 1 2.3.3 uncompressed form: 0x04, x, y (32 bytes each)."""
+    x, y = public_point
+    return (b"\x04" + x.to_bytes(_P256_SCALAR_BYTES, "big")
+            + y.to_bytes(_P256_SCALAR_BYTES, "big"))
+
+
+def _encode_signature(signature: tuple) -> bytes:
+    """Return ECDSA-Sig-Value, SEQUENCE { r INTEGER, s INTEGER } (RFC 5480 2.2)."""
+    r, s = signature
+    return _der_sequence(_der_integer(r), _der_integer(s))
+
+
+def _encode_certificate(private_scalar: int, public_point: tuple, packed_ip_addresses: list,
+                        serial_number: int) -> bytes:
+    """Return the DER of the self-signed X.509 v3 certificate (RFC 5280 4.1).
+
+    packed_ip_addresses holds the 4- or 16-byte iPAddress names that follow the DNS
+    names in subjectAltName.  Only two extensions are present:
+
+    * subjectAltName, non-critical because the subject is not empty (4.2.1.6).
+    * basicConstraints with cA false, critical: it tells verifiers that honour it
+      that a certificate signed by this key is not to be trusted, even though this
+      certificate itself is (4.2.1.9 allows it in end-entity certificates).
+
+    OpenSSL 3.0 (under Python's ssl and curl) takes a self-signed certificate found
+    in the CAfile as a chain of one, and needs no key identifier extensions for it.
+    Tried with OpenSSL 3.0.19 (`openssl verify -x509_strict`, Python 3.8, 3.11 and
+    3.13 clients, the last with X509_V_FLAG_X509_STRICT on by default): this shape,
+    no extensions but subjectAltName (upstream's rcgen shape), basicConstraints
+    cA true, and keyUsage digitalSignature all pass; keyUsage keyCertSign without
+    basicConstraints fails the strict check ("invalid CA certificate"), so there
+    is no keyUsage here.
+    """
+    import hashlib
+
+    signature_algorithm = _der_sequence(_der_object_identifier(_OID_ECDSA_WITH_SHA256))
+    name = _der_sequence(_der_set(_der_sequence(
+        _der_object_identifier(_OID_COMMON_NAME),
+        _der(_TAG_UTF8_STRING, _CERTIFICATE_COMMON_NAME.encode("utf-8")))))
+    # GeneralName (RFC 5280 4.2.1.6): dNSName is IMPLICIT [2] IA5String and
+    # iPAddress IMPLICIT [7] OCTET STRING.
+    alternative_names = [_der(_TAG_CONTEXT_PRIMITIVE | 2, dns_name.encode("ascii"))
+                         for dns_name in _CERTIFICATE_DNS_NAMES]
+    alternative_names += [_der(_TAG_CONTEXT_PRIMITIVE | 7, packed)
+                          for packed in packed_ip_addresses]
+    extensions = [
+        _encode_extension(_OID_SUBJECT_ALT_NAME, _der_sequence(*alternative_names)),
+        _encode_extension(_OID_BASIC_CONSTRAINTS, _der_sequence(), is_critical=True),
+    ]
+    to_be_signed = _der_sequence(
+        _der_explicit(0, _der_integer(2)),  # version: 2 means v3
+        _der_integer(serial_number),
+        signature_algorithm,
+        name,  # issuer
+        _der_sequence(_der_time(*_CERTIFICATE_NOT_BEFORE), _der_time(*_CERTIFICATE_NOT_AFTER)),
+        name,  # subject: the same, which is what makes the certificate self-issued
+        _der_sequence(
+            _der_sequence(_der_object_identifier(_OID_EC_PUBLIC_KEY),
+                          _der_object_identifier(_OID_PRIME256V1)),
+            _der_bit_string(_encode_public_key(public_point))),
+        _der_explicit(3, _der_sequence(*extensions)),
+    )
+    signature = _sign_digest(private_scalar, hashlib.sha256(to_be_signed).digest())
+    return _der_sequence(to_be_signed, signature_algorithm,
+                         _der_bit_string(_encode_signature(signature)))
+
+
+def _encode_private_key(private_scalar: int, public_point: tuple) -> bytes:
+    """Return the DER of an unencrypted PKCS#8 PrivateKeyInfo (RFC 5208 5, RFC 5958 2).
+
+    The algorithm identifier names the curve, so the wrapped SEC 1 ECPrivateKey
+    (RFC 5915 3) leaves out its own [0] parameters and keeps the [1] public key, as
+    RFC 5915 recommends.  The private key is a fixed 32-byte octet string.
+    """
+    ec_private_key = _der_sequence(
+        _der_integer(1),  # ecPrivkeyVer1
+        _der_octet_string(private_scalar.to_bytes(_P256_SCALAR_BYTES, "big")),
+        _der_explicit(1, _der_bit_string(_encode_public_key(public_point))),
+    )
+    return _der_sequence(
+        _der_integer(0),  # PKCS#8 v1
+        _der_sequence(_der_object_identifier(_OID_EC_PUBLIC_KEY),
+                      _der_object_identifier(_OID_PRIME256V1)),
+        _der_octet_string(ec_private_key),
+    )
+
+
+def _encode_pem(label: str, der: bytes) -> str:
+    """Return DER as a PEM block: the BEGIN line, 64-character base64 lines, the END line."""
+    text = binascii.b2a_base64(der, newline=False).decode("ascii")
+    lines = [text[start:start + _PEM_LINE_CHARACTERS]
+             for start in range(0, len(text), _PEM_LINE_CHARACTERS)]
+    return "-----BEGIN %s-----\n%s\n-----END %s-----\n" % (label, "\n".join(lines), label)
+
+
+def _pack_ip_addresses(extra_ip_addresses) -> list:
+    """Return the packed iPAddress names of the certificate, fixed ones first.
+
+    Leaves out unspecified addresses (0.0.0.0, ::), which name no host, and repeats.
+    Raises PlasmiteError Usage for a value that is not a literal IP address.
+    """
+    import ipaddress
+
+    packed_addresses = []
+    for value in _CERTIFICATE_IP_ADDRESSES + tuple(extra_ip_addresses):
+        try:
+            address = ipaddress.ip_address(value)
+        except ValueError as err:
+            raise PlasmiteError(
+                "Usage", "invalid IP address for the TLS certificate",
+                hint="Use a literal IPv4 or IPv6 address like 127.0.0.1 or ::1.",
+                causes=[str(err)]) from err
+        if not address.is_unspecified and address.packed not in packed_addresses:
+            packed_addresses.append(address.packed)
+    return packed_addresses
+
+
+def generate_self_signed_certificate(extra_ip_addresses=()) -> tuple[str, str]:
+    """Make a new key and a self-signed TLS certificate; return (certificate PEM, key PEM).
+
+    The certificate matches upstream's rcgen one in everything a client checks
+    (spec/remote.md 2.2): ECDSA P-256 with SHA-256, subject and issuer
+    CN=rcgen self signed cert, valid from 1975-01-01 to 4096-01-01, a random serial,
+    and the subject alternative names DNS:localhost, IP:127.0.0.1 and IP:::1, then
+    each of ``extra_ip_addresses`` (strings or ipaddress objects; callers pass the
+    bind IP).  Unspecified addresses (0.0.0.0, ::) and repeats are left out.  The key
+    PEM is an unencrypted PKCS#8 "PRIVATE KEY".  A client that trusts the certificate
+    itself (``curl --cacert``, PLASMITE_CA_FILE) reaches the server by any of those
+    names.
+
+    Raises PlasmiteError Usage if an extra address is not a literal IP address.
+    Touches no files, reads the OS random source, takes a few milliseconds of CPU,
+    and is safe to call from several threads at once.
+    """
+    import secrets
+
+    packed_ip_addresses = _pack_ip_addresses(extra_ip_addresses)
+    private_scalar, public_point = _generate_key_pair()
+    serial_number = secrets.randbelow(2**_SERIAL_NUMBER_BITS - 1) + 1
+    certificate = _encode_certificate(private_scalar, public_point, packed_ip_addresses,
+                                      serial_number)
+    private_key = _encode_private_key(private_scalar, public_point)
+    return _encode_pem("CERTIFICATE", certificate), _encode_pem("PRIVATE KEY", private_key)
+
+
+DEFAULT_BIND = "127.0.0.1:9700"
+DEFAULT_INIT_BIND = "0.0.0.0:9700"
+DEFAULT_MAX_BODY_BYTES = 1048576
+DEFAULT_MAX_TAIL_TIMEOUT_MS = 30000
+DEFAULT_MAX_TAIL_CONCURRENCY = 64
+ACCESS_MODES = ("read-only", "write-only", "read-write")
+SERVE_INIT_ARTIFACTS = ("serve-token.txt", "serve-cert.pem", "serve-key.pem")
+BIND_HINT = "Use a host:port value like 127.0.0.1:9700."
+INIT_BIND_HINT = "Use a host:port value like 0.0.0.0:9700."
+SERVE_INIT_HINT = ("Run `plasmite serve init` for cert/key artifacts, or use --tls-cert/--tls-key, "
+                   "--tls-self-signed, or --insecure-no-tls.")
+
+# Time limits that keep a slow or silent client from holding a thread:
+REQUEST_TIMEOUT_SECONDS = 30.0  # head and body, from a request's first byte
+IDLE_TIMEOUT_SECONDS = 60.0  # a kept-alive connection waiting for its next request
+SEND_TIMEOUT_SECONDS = 30.0  # one write to a client that stopped reading
+SHUTDOWN_GRACE_SECONDS = 10.0  # in-flight requests get this long after SIGINT/SIGTERM
+STREAM_CHECK_SECONDS = 0.5  # a waiting tail checks for shutdown and a vanished client
+MAX_DRAINED_BODY_BYTES = 64 * 1024 * 1024  # an oversized body is read and dropped up to this
+
+VERSION_HEADER = ("plasmite-version", "0")
+JSON_CONTENT_TYPE = "application/json"
+TEXT_CONTENT_TYPE = "text/plain; charset=utf-8"
+HTML_CONTENT_TYPE = "text/html; charset=utf-8"
+
+# Error kind -> HTTP status (remote.md 5.2).  Permission is 403 only for the
+# access-mode errors, whose message starts with "forbidden:".
+ERROR_STATUSES = {"Usage": 400, "NotFound": 404, "AlreadyExists": 409, "Busy": 423,
+                  "Permission": 401, "Corrupt": 500, "Io": 500, "Internal": 500}
+
+_BIND_PATTERN = r"(?:\[([^\]]*)\]|([0-9.]+)):([0-9]+)"
+_SHELL_SAFE = r"[A-Za-z0-9/_\-.:=]*"
+_PEM_BLOCK = rb"(?s)-----BEGIN ([A-Z0-9 ]+)-----(.*?)-----END \1-----"
+_PRIVATE_KEY_LABELS = (b"PRIVATE KEY", b"RSA PRIVATE KEY", b"EC PRIVATE KEY")
+# Log text escapes control characters (and backslashes), as http.server does.
+_LOG_ESCAPES = {code: "\\x%02x" % code for code in list(range(0x20)) + list(range(0x7F, 0xA0))}
+_LOG_ESCAPES[ord("\\")] = "\\\\"
+_LOG_LEVELS = {"error": 0, "warn": 1, "info": 2, "debug": 3}
+
+
+# -- configuration ------------------------------------------------------------
+
+def parse_bind_address(text: str, hint: str = BIND_HINT) -> tuple:
+    """Parse a literal ``IP:PORT`` (``[v6]:PORT`` for IPv6); return (ip_address, port).
+
+    Host names are refused, as upstream's SocketAddr parser does.  Raises
+    PlasmiteError Usage "invalid bind address" with ``hint``.
+    """
+    import ipaddress
+
+    match = re.fullmatch(_BIND_PATTERN, text)
+    try:
+        if match is None or int(match.group(3)) > 65535:
+            raise ValueError(text)
+        if match.group(1) is not None:
+            address = ipaddress.IPv6Address(match.group(1))
+        else:
+            address = ipaddress.IPv4Address(match.group(2))
+    except ValueError:
+        raise PlasmiteError("Usage", "invalid bind address", hint=hint) from None
+    return address, int(match.group(3))
+
+
+def _url_host(address) -> str:
+    """The host to put in URLs for a bind address: unspecified becomes loopback."""
+    if address.version == 6:
+        return "[::1]" if address.is_unspecified else "[%s]" % address.compressed
+    return "127.0.0.1" if address.is_unspecified else str(address)
+
+
+def _is_loopback(address) -> bool:
+    # Only ::1 for IPv6: a v4-mapped ::ffff:127.0.0.1 counts as non-loopback
+    # (Python 3.13's is_loopback says otherwise, upstream does not).
+    if address.version == 6:
+        return address.packed == b"\0" * 15 + b"\1"
+    return address.is_loopback
+
+
+class ServeConfig:
+    """The validated options of ``serve`` and ``serve check`` (remote.md 2 and 2.1).
+
+    ``directory`` is the pool directory (never created by the server).  The
+    constructor applies upstream's twelve checks in order and raises the
+    first failure as PlasmiteError Usage with upstream's message and hint; it
+    reads the token file but no TLS file.  Attributes: ``bind`` (as given),
+    ``address``/``port``, ``token``, ``token_source`` (None, "--token" or
+    "--token-file"), ``tls_mode`` ("disabled", "enabled", "self-signed"),
+    ``tls_cert``/``tls_key``, ``access``, the three limits, and the
+    connection time limits (seconds; not command-line options).
+    """
+
+    def __init__(self, directory, bind: str = DEFAULT_BIND, token=None, token_file=None,
+                 allow_non_loopback: bool = False, insecure_no_tls: bool = False,
+                 tls_cert=None, tls_key=None, tls_self_signed: bool = False,
+                 access: str = "read-write", max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+                 max_tail_timeout_ms: int = DEFAULT_MAX_TAIL_TIMEOUT_MS,
+                 max_tail_concurrency: int = DEFAULT_MAX_TAIL_CONCURRENCY):
+        if access not in ACCESS_MODES:
+            raise PlasmiteError("Usage", "invalid access mode",
+                                hint="Use read-only, write-only or read-write.")
+        self.directory = os.fspath(directory)
+        self.bind = bind
+        self.address, self.port = parse_bind_address(bind)
+        if token is not None and token_file is not None:
+            raise PlasmiteError("Usage", "--token cannot be combined with --token-file",
+                                hint="Use --token for dev, or run `plasmite serve init` and use "
+                                     "the generated --token-file for safer deployments.")
+        self.token_source = None
+        if token_file is not None:
+            token = self._read_token_file(token_file)
+            self.token_source = "--token-file"
+        elif token is not None:
+            self.token_source = "--token"
+        self.token = token
+        self.is_loopback = _is_loopback(self.address)
+        if not self.is_loopback and not allow_non_loopback:
+            raise PlasmiteError("Usage", "non-loopback bind requires explicit opt-in",
+                                hint="Re-run with --allow-non-loopback or use a loopback address.")
+        if (tls_cert is None) != (tls_key is None):
+            raise PlasmiteError("Usage", "TLS requires both --tls-cert and --tls-key",
+                                hint="Provide both paths or run `plasmite serve init` to generate "
+                                     "matching TLS artifacts.")
+        if tls_self_signed and tls_cert is not None:
+            raise PlasmiteError("Usage", "--tls-self-signed cannot be combined with "
+                                "--tls-cert/--tls-key",
+                                hint="Use either --tls-self-signed or provide certificate paths; "
+                                     "`plasmite serve init` can generate cert/key files.")
+        for name, value, example in (("--max-body-bytes", max_body_bytes, 1048576),
+                                     ("--max-tail-timeout-ms", max_tail_timeout_ms, 30000),
+                                     ("--max-tail-concurrency", max_tail_concurrency, 64)):
+            if value <= 0:
+                raise PlasmiteError("Usage", "%s must be greater than zero" % name,
+                                    hint="Use a positive value like %d." % example)
+        self.tls_cert, self.tls_key = tls_cert, tls_key
+        self.tls_mode = ("self-signed" if tls_self_signed else
+                         "enabled" if tls_cert is not None else "disabled")
+        self.access = access
+        if not self.is_loopback and self.allows("write"):
+            if self.token_source != "--token-file":
+                raise PlasmiteError(
+                    "Usage", "non-loopback write requires --token-file",
+                    hint="Run `plasmite serve init` and use the generated --token-file for "
+                         "non-loopback write access.")
+            if self.tls_mode == "disabled" and not insecure_no_tls:
+                raise PlasmiteError("Usage", "non-loopback write requires TLS",
+                                    hint=SERVE_INIT_HINT)
+        self.max_body_bytes = max_body_bytes
+        self.max_tail_timeout_ms = max_tail_timeout_ms
+        self.max_tail_concurrency = max_tail_concurrency
+        self.request_timeout = REQUEST_TIMEOUT_SECONDS
+        self.idle_timeout = IDLE_TIMEOUT_SECONDS
+        self.send_timeout = SEND_TIMEOUT_SECONDS
+
+    @staticmethod
+    def _read_token_file(path) -> str:
+        try:
+            with open(path, encoding="utf-8") as token_file:
+                token = token_file.read().strip()
+        except (OSError, UnicodeDecodeError) as err:
+            cause = describe_os_error(err) if isinstance(err, OSError) else \
+                "stream did not contain valid UTF-8"
+            raise PlasmiteError("Usage", "failed to read token file", path=path,
+                                causes=[cause]) from err
+        if not token:
+            raise PlasmiteError("Usage", "token file is empty", path=path)
+        return token
+
+    def allows(self, operation: str) -> bool:
+        """True if the access mode permits ``operation`` ("read" or "write")."""
+        return self.access == "read-write" or self.access == operation + "-only"
+
+    @property
+    def scheme(self) -> str:
+        return "http" if self.tls_mode == "disabled" else "https"
+
+    @property
+    def base_url(self) -> str:
+        """``scheme://host:port`` as clients should use it (unspecified binds show loopback)."""
+        return "%s://%s:%d" % (self.scheme, _url_host(self.address), self.port)
+
+
+def serve_check_document(config: ServeConfig) -> dict:
+    """Return the ``serve check`` document: ``{"check": {...}}`` (remote.md 4.1)."""
+    auth = {None: "none", "--token": "bearer token (--token)",
+            "--token-file": "bearer token (--token-file)"}[config.token_source]
+    return {"check": {
+        "access": config.access, "auth": auth, "base_url": config.base_url,
+        "limits": {"max_body_bytes": config.max_body_bytes,
+                   "max_tail_concurrency": config.max_tail_concurrency,
+                   "max_tail_timeout_ms": config.max_tail_timeout_ms},
+        "listen": config.bind, "status": "valid", "tls": config.tls_mode,
+        "web_ui": config.base_url + "/ui", "web_ui_pool": config.base_url + "/ui/pools/demo"}}
+
+
+def _auth_line(config: ServeConfig) -> str:
+    if config.token_source is None:
+        return "auth: none"
+    return "auth: bearer token (from %s; value not shown)" % config.token_source
+
+
+def _endpoint_lines(config: ServeConfig) -> list:
+    return ["  listen: " + config.bind, "  base_url: " + config.base_url,
+            "  web_ui: %s/ui" % config.base_url,
+            "  web_ui_pool: %s/ui/pools/demo" % config.base_url,
+            "  " + _auth_line(config), "  tls: " + config.tls_mode, "  access: " + config.access]
+
+
+def render_serve_check(config: ServeConfig) -> str:
+    """Return the terminal form of ``serve check`` (remote.md 4.1), ending in an empty line."""
+    lines = ["plasmite serve check", "  status: valid"] + _endpoint_lines(config)
+    lines.append("  limits: body=%dB tail_timeout=%dms tail_concurrency=%d" % (
+        config.max_body_bytes, config.max_tail_timeout_ms, config.max_tail_concurrency))
+    if config.address.is_unspecified:
+        lines.append("note: listening on all interfaces; remote clients must use your host IP or "
+                     "DNS name.")
+    if config.tls_mode == "self-signed":
+        lines.append("note: self-signed TLS; clients must trust the generated cert")
+    return "\n".join(lines) + "\n\n"
+
+
+def render_serve_banner(config: ServeConfig) -> str:
+    """Return the startup banner ``serve`` prints on a terminal (remote.md 3.1).
+
+    The token is never printed: the curl examples carry a ``<token>`` placeholder.
+    """
+    insecure = " -k" if config.tls_mode == "self-signed" else ""
+    auth = " -H 'Authorization: Bearer <token>'" if config.token is not None else ""
+    lines = ["plasmite serve"] + _endpoint_lines(config) + ["  stop: press Ctrl-C", "try:"]
+    lines.append("  curl%s -sS -X POST%s -H 'content-type: application/json' --data "
+                 "'{\"hello\":\"world\"}' '%s/v0/pools/demo/append'"
+                 % (insecure, auth, config.base_url))
+    lines.append("  curl%s -N -sS%s '%s/v0/pools/demo/tail?timeout_ms=5000'"
+                 % (insecure, auth, config.base_url))
+    if config.token_source == "--token-file":
+        lines.append("note: the token value is not printed; read it from your token file")
+    if config.tls_mode == "self-signed":
+        lines.append("note: self-signed TLS; curl examples use -k for local testing")
+    if config.address.is_unspecified:
+        lines.append("note: listening on all interfaces; remote clients must use your host IP or "
+                     "DNS name (not 127.0.0.1).")
+    return "\n".join(lines) + "\n\n"
+
+
+# -- serve init ---------------------------------------------------------------
+
+def shell_quote(text: str) -> str:
+    """Quote for a POSIX shell only when needed, as upstream prints next commands."""
+    if re.fullmatch(_SHELL_SAFE, text):
+        return text
+    return "'" + text.replace("'", "'\"'\"'") + "'"
+
+
+def _comparable_path(path: str) -> tuple:
+    """A path's components with "." and repeated slashes removed (Rust's Path equality)."""
+    parts = [part for part in path.split("/") if part not in ("", ".")]
+    return (path.startswith("/"),) + tuple(parts)
+
+
+def _write_artifact(path: str, content, mode, message: str) -> None:
+    """Write a serve init file; ``mode`` (when given) is forced, even on an existing file."""
+    data = content.encode("utf-8") if isinstance(content, str) else bytes(content)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0),
+                     0o666 if mode is None else mode)
+        with os.fdopen(fd, "wb") as artifact:
+            if mode is not None:
+                os.fchmod(artifact.fileno(), mode)
+            artifact.write(data)
+    except OSError as err:
+        raise PlasmiteError("Io", message, path=path, causes=[describe_os_error(err)]) from err
+
+
+def serve_init(bind: str = DEFAULT_INIT_BIND, output_dir: str = ".",
+               token_file: str = SERVE_INIT_ARTIFACTS[0], tls_cert: str = SERVE_INIT_ARTIFACTS[1],
+               tls_key: str = SERVE_INIT_ARTIFACTS[2], should_force: bool = False) -> dict:
+    """Write a token file and a self-signed certificate and key; return the init document.
+
+    Relative artifact paths go under ``output_dir``, itself joined onto the
+    working directory without normalising (upstream prints ``/cwd/./serve-token.txt``).
+    The token is 32 random bytes as 64 lower-case hex digits plus a newline;
+    the token and key files get mode 0600.  The certificate covers localhost,
+    127.0.0.1, ::1 and the bind IP.  Returns ``{"init": {"artifact_paths":
+    {...}, "next_commands": [...]}}`` (remote.md 4.2); the token is never in
+    it.  Raises PlasmiteError Usage (bad bind, duplicate paths),
+    AlreadyExists (without ``should_force``) or Io.
+    """
+    address, port = parse_bind_address(bind, INIT_BIND_HINT)
+    base = os.path.join(os.getcwd(), output_dir)
+    paths = [os.path.join(base, name) for name in (token_file, tls_cert, tls_key)]
+    seen = set()
+    for path in paths:
+        key = _comparable_path(path)
+        if key in seen:
+            raise PlasmiteError("Usage", "serve init requires distinct artifact paths", path=path,
+                                hint="Use different values for --token-file, --tls-cert, and "
+                                     "--tls-key.")
+        seen.add(key)
+    if not should_force:
+        for path in paths:
+            if os.path.lexists(path):
+                raise PlasmiteError("AlreadyExists", "serve init artifact already exists",
+                                    path=path,
+                                    hint="Re-run with --force to overwrite or choose different "
+                                         "paths.")
+    for path in paths:
+        parent = os.path.dirname(path)
+        try:
+            os.makedirs(parent, exist_ok=True)
+        except OSError as err:
+            raise PlasmiteError("Io", "failed to create artifact directory", path=parent,
+                                causes=[describe_os_error(err)]) from err
+    extra_addresses = () if address.is_unspecified else (str(address),)
+    cert_pem, key_pem = generate_self_signed_certificate(extra_ip_addresses=extra_addresses)
+    token_path, cert_path, key_path = paths
+    _write_artifact(token_path, os.urandom(32).hex() + "\n", 0o600, "failed to write token file")
+    _write_artifact(cert_path, cert_pem, None, "failed to write TLS certificate")
+    _write_artifact(key_path, key_pem, 0o600, "failed to write TLS key")
+    base_url = "https://%s:%d" % (_url_host(address), port)
+    auth = "-H 'Authorization: Bearer <token>'"
+    commands = [
+        "plasmite serve --bind %s --allow-non-loopback --token-file %s --tls-cert %s --tls-key %s"
+        % (bind, shell_quote(token_path), shell_quote(cert_path), shell_quote(key_path)),
+        "curl -k -sS -X POST %s -H 'content-type: application/json' "
+        "--data '{\"hello\":\"world\"}' %s"
+        % (auth, shell_quote(base_url + "/v0/pools/demo/append")),
+        "curl -k -N -sS %s %s"
+        % (auth, shell_quote(base_url + "/v0/pools/demo/tail?timeout_ms=5000")),
+    ]
+    return {"init": {"artifact_paths": {"tls_cert": cert_path, "tls_key": key_path,
+                                        "token_file": token_path},
+                     "next_commands": commands}}
+
+
+def render_serve_init(document: dict) -> str:
+    """Return the terminal form of a :func:`serve_init` document (remote.md 4.2)."""
+    paths = document["init"]["artifact_paths"]
+    lines = ["serve init: generated artifacts", "  token_file: " + paths["token_file"],
+             "  tls_cert:   " + paths["tls_cert"], "  tls_key:    " + paths["tls_key"], "",
+             "next commands:"]
+    lines += ["  %d. %s" % (number, command)
+              for number, command in enumerate(document["init"]["next_commands"], 1)]
+    lines += ["", "notes:", "  - token value is not printed; read it from token_file when needed",
+              "  - TLS is self-signed; curl examples use -k for local testing"]
+    return "\n".join(lines) + "\n"
+
+
+# -- TLS ----------------------------------------------------------------------
+
+def _read_pem(path, what: str) -> list:
+    """Read a PEM file; return the labels of its blocks (Io when unreadable or malformed)."""
+    import base64
+
+    try:
+        with open(path, "rb") as pem_file:
+            data = pem_file.read()
+    except OSError as err:
+        raise PlasmiteError("Io", "failed to read TLS %s" % what, path=path,
+                            causes=[describe_os_error(err)]) from err
+    labels = []
+    for match in re.finditer(_PEM_BLOCK, data):
+        try:
+            base64.b64decode(re.sub(rb"\s+", b"", match.group(2)), validate=True)
+        except (binascii.Error, ValueError) as err:
+            raise PlasmiteError("Io", "failed to parse TLS %s" % what, path=path,
+                                causes=[str(err)]) from err
+        labels.append(match.group(1))
+    if data.count(b"-----BEGIN ") != len(labels):
+        raise PlasmiteError("Io", "failed to parse TLS %s" % what, path=path,
+                            causes=["unterminated PEM section"])
+    return labels
+
+
+def _refuse_password() -> bytes:
+    """Password callback for load_cert_chain: never prompt on the terminal."""
+    return b""
+
+
+def load_tls_context(config: ServeConfig):
+    """Return the server's ssl.SSLContext, or None when TLS is off.
+
+    ``--tls-cert``/``--tls-key`` are read and checked as upstream does
+    (remote.md 2.1 start-time errors: Io for unreadable or unparsable PEM,
+    Usage when no certificate / private key block is found or the pair is
+    rejected); ``--tls-self-signed`` makes a certificate in memory.  Offers
+    ALPN ``http/1.1`` only.
+    """
+    import ssl
+    import tempfile
+
+    if config.tls_mode == "disabled":
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.set_alpn_protocols(["http/1.1"])
+    if config.tls_mode == "self-signed":
+        extra = () if config.address.is_unspecified else (str(config.address),)
+        cert_pem, key_pem = generate_self_signed_certificate(extra_ip_addresses=extra)
+        # ssl loads certificates from files only: use a private scratch directory.
+        with tempfile.TemporaryDirectory() as scratch:
+            cert_path = os.path.join(scratch, "cert.pem")
+            key_path = os.path.join(scratch, "key.pem")
+            _write_artifact(cert_path, cert_pem, 0o600, "failed to write TLS certificate")
+            _write_artifact(key_path, key_pem, 0o600, "failed to write TLS key")
+            context.load_cert_chain(cert_path, key_path, password=_refuse_password)
+        return context
+    if b"CERTIFICATE" not in _read_pem(config.tls_cert, "certificate"):
+        raise PlasmiteError("Usage", "TLS certificate file contains no certificates",
+                            path=config.tls_cert)
+    if not any(label in _PRIVATE_KEY_LABELS for label in _read_pem(config.tls_key, "key")):
+        raise PlasmiteError("Usage", "TLS key file contains no private key", path=config.tls_key)
+    try:
+        context.load_cert_chain(config.tls_cert, config.tls_key, password=_refuse_password)
+    except (ssl.SSLError, OSError) as err:
+        raise PlasmiteError("Usage", "invalid TLS certificate or key", causes=[str(err)]) from err
+    return context
+
+
+# -- replies ------------------------------------------------------------------
+
+Reply = namedtuple("Reply", "status body content_type headers is_versioned")
+Reply.__doc__ = ("A whole response: status, body bytes, content type (None for none), extra "
+                 "header pairs, and whether it carries plasmite-version (handler responses do, "
+                 "framework rejections do not).")
+
+
+class StreamReply:
+    """A 200 response whose body is written chunk by chunk as ``chunks`` yields bytes.
+
+    ``close`` runs once the stream ends, however it ends (it releases the
+    tail slot and the pool).
+    """
+
+    def __init__(self, content_type: str, chunks, headers=(), close=None):
+        self.content_type = content_type
+        self.chunks = chunks
+        self.headers = tuple(headers)
+        self._close = close
+
+    def close(self) -> None:
+        self.chunks.close()
+        if self._close is not None:
+            self._close()
+
+
+class HttpRejection(Exception):
+    """A request refused before its route runs, answered with ``reply`` (a Reply)."""
+
+    def __init__(self, reply: Reply):
+        super().__init__(reply.status)
+        self.reply = reply
+
+
+def json_reply(document, status: int = 200) -> Reply:
+    return Reply(status, dump_json(document).encode("utf-8"), JSON_CONTENT_TYPE, (), True)
+
+
+def text_rejection(status: int, text: str, should_close: bool = False) -> HttpRejection:
+    """A framework-level refusal: text/plain, no plasmite-version header (remote.md 5.1)."""
+    headers = (("connection", "close"),) if should_close else ()
+    return HttpRejection(Reply(status, text.encode("utf-8"), TEXT_CONTENT_TYPE, headers, False))
+
+
+def error_status(err: PlasmiteError) -> int:
+    """The HTTP status for an error kind (remote.md 5.2)."""
+    if err.kind == "Permission" and err.message.startswith("forbidden:"):
+        return 403
+    return ERROR_STATUSES[err.kind.value]
+
+
+def error_envelope(err: PlasmiteError) -> str:
+    """The HTTP error envelope: kind, message, path, seq, offset in that order, no hint.
+
+    An error raised without a message of its own (PlasmiteError then holds
+    the CLI's fallback text) reports ``"error"``, as upstream's server does;
+    NotFound's fallback "not found" is also the message pools use, so it stays.
+    """
+    kind = err.kind.value
+    message = err.message
+    if message == FALLBACK_MESSAGES[kind] and kind != "NotFound":
+        message = "error"
+    fields = ['"kind":' + dump_json(kind), '"message":' + dump_json(message)]
+    for name in ("path", "seq", "offset"):
+        value = getattr(err, name)
+        if value is not None:
+            fields.append('"%s":%s' % (name, dump_json(value)))
+    return '{"error":{%s}}' % ",".join(fields)
+
+
+def error_reply(err: PlasmiteError) -> Reply:
+    return Reply(error_status(err), error_envelope(err).encode("utf-8"), JSON_CONTENT_TYPE, (),
+                 True)
+
+
+# -- request parsing ----------------------------------------------------------
+
+def parse_u64(text: str) -> int:
+    """Parse an unsigned 64-bit integer as Rust does; ValueError carries Rust's wording."""
+    digits = text[1:] if text.startswith("+") else text
+    if not text:
+        raise ValueError("cannot parse integer from empty string")
+    if not digits or not digits.isascii() or not digits.isdigit():
+        raise ValueError("invalid digit found in string")
+    value = int(digits)
+    if value >= 1 << 64:
+        raise ValueError("number too large to fit in target type")
+    return value
+
+
+def parse_tail_query(query_text: str) -> dict:
+    """Parse the stream query (remote.md 5.5): since_seq, max, timeout_ms as ints, tag list.
+
+    Unknown keys are ignored; each tag is trimmed and empty ones dropped.
+    Raises HttpRejection 400 (text/plain) for a bad number or a repeated
+    numeric key.
+    """
+    from urllib.parse import parse_qsl
+
+    query = {"tag": []}
+    for key, value in parse_qsl(query_text, keep_blank_values=True):
+        if key == "tag":
+            value = value.strip()
+            if value:
+                query["tag"].append(value)
+        elif key in ("since_seq", "max", "timeout_ms"):
+            try:
+                if key in query:
+                    raise ValueError("duplicate field `%s`" % key)
+                query[key] = parse_u64(value)
+            except ValueError as err:
+                raise text_rejection(400, "Failed to deserialize query string: %s" % err) from None
+    return query
+
+
+def parse_durability_query(query_text: str) -> dict:
+    """Parse append_lite3's query: ``durability=flush`` flushes, anything else is fast."""
+    from urllib.parse import parse_qsl
+
+    return {"durability": dict(parse_qsl(query_text, keep_blank_values=True)).get("durability")}
+
+
+def is_json_content_type(value) -> bool:
+    """True for ``application/json`` and ``application/*+json`` (parameters ignored)."""
+    if value is None:
+        return False
+    major, _, minor = value.split(";", 1)[0].strip().lower().partition("/")
+    return major == "application" and (minor == "json" or minor.endswith("+json"))
+
+
+def _describe_json_value(value) -> str:
+    """serde's wording for an unexpected value in a type error."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean `%s`" % ("true" if value else "false")
+    if isinstance(value, int):
+        return "integer `%d`" % value
+    if isinstance(value, float):
+        return "floating point `%s`" % dump_json(value)
+    if isinstance(value, str):
+        return "string %s" % dump_json(value)
+    return "sequence" if isinstance(value, list) else "map"
+
+
+def _field_problem(name: str, value, field_type: str):
+    """Return serde's complaint about one body field, or None when it fits."""
+    if value is None and field_type != "string":
+        return None  # Option<...> fields and serde_json::Value accept null
+    if field_type == "string" and not isinstance(value, str):
+        return "%s: invalid type: %s, expected a string" % (name, _describe_json_value(value))
+    if field_type == "u64":
+        if isinstance(value, bool) or not isinstance(value, int):
+            return "%s: invalid type: %s, expected u64" % (name, _describe_json_value(value))
+        if not 0 <= value < 1 << 64:
+            return "%s: invalid value: integer `%d`, expected u64" % (name, value)
+    if field_type == "strings":
+        if not isinstance(value, list):
+            return "%s: invalid type: %s, expected a sequence" % (name, _describe_json_value(value))
+        for index, item in enumerate(value):
+            if not isinstance(item, str):
+                return "%s[%d]: invalid type: %s, expected a string" % (
+                    name, index, _describe_json_value(item))
+    return None
+
+
+# Request body shapes: (field, type, is_required); types as in _field_problem,
+# "optional_string" accepting null.
+BODY_SHAPES = {
+    "create": (("pool", "string", True), ("size_bytes", "u64", False)),
+    "open": (("pool", "string", True),),
+    "append": (("data", "any", True), ("tags", "strings", False),
+               ("durability", "optional_string", False)),
+}
+
+
+def check_body_shape(document, shape_name: str, text: bytes) -> None:
+    """Raise HttpRejection 422 when a JSON body does not fit its route's shape.
+
+    Messages follow axum + serde_path_to_error: ``<path>: <problem>``; a
+    missing field carries serde's position (the end of the document).
+    """
+    prefix = "Failed to deserialize the JSON body into the target type: "
+    if not isinstance(document, dict):
+        raise text_rejection(422, prefix + ".: invalid type: %s, expected a JSON object"
+                             % _describe_json_value(document))
+    for name, field_type, is_required in BODY_SHAPES[shape_name]:
+        if name in document:
+            value = document[name]
+            if field_type == "optional_string":
+                field_type = "string" if value is not None else "any"
+            problem = _field_problem(name, value, field_type)
+            if problem:
+                raise text_rejection(422, prefix + problem)
+    for name, _field_type, is_required in BODY_SHAPES[shape_name]:
+        if is_required and name not in document:
+            body = text.decode("utf-8", "replace").rstrip()
+            line = body.count("\n") + 1
+            column = len(body) - (body.rfind("\n") + 1)
+            raise text_rejection(422, prefix + ".: missing field `%s` at line %d column %d"
+                                 % (name, line, column))
+
+
+def _read_chunked_body(rfile, limit: int) -> bytes:
+    """Read a chunked request body of at most ``limit`` bytes."""
+    body = bytearray()
+    while True:
+        line = rfile.readline(1024)
+        try:
+            size = int(line.split(b";", 1)[0].strip(), 16)
+        except ValueError:
+            raise text_rejection(400, "Failed to buffer the request body: invalid chunk size",
+                                 should_close=True) from None
+        if size == 0:
+            while rfile.readline(1024) not in (b"\r\n", b"\n", b""):
+                pass  # trailer fields
+            return bytes(body)
+        if len(body) + size > limit:
+            raise text_rejection(413, "Failed to buffer the request body: length limit exceeded",
+                                 should_close=True)
+        chunk = rfile.read(size)
+        if len(chunk) < size:
+            raise ConnectionError("request body ended early")
+        body += chunk
+        rfile.readline(1024)
+
+
+def read_request_body(handler, limit: int) -> bytes:
+    """Read the request body (Content-Length or chunked) of at most ``limit`` bytes.
+
+    A body over the limit is read and dropped (up to MAX_DRAINED_BODY_BYTES,
+    so the client gets to read the answer) and refused with 413 text/plain,
+    closing the connection.  Raises ConnectionError when the client stops early.
+    """
+    headers = handler.headers
+    if "chunked" in headers.get("transfer-encoding", "").lower():
+        return _read_chunked_body(handler.rfile, limit)
+    length_text = headers.get("content-length")
+    if length_text is None:
+        return b""
+    try:
+        length = parse_u64(length_text.strip())
+    except ValueError:
+        raise text_rejection(400, "Failed to buffer the request body: invalid content-length",
+                             should_close=True) from None
+    if length > limit:
+        if length <= MAX_DRAINED_BODY_BYTES:
+            remaining = length
+            while remaining > 0:
+                drained = handler.rfile.read(min(remaining, 65536))
+                if not drained:
+                    break
+                remaining -= len(drained)
+        raise text_rejection(413, "Failed to buffer the request body: length limit exceeded",
+                             should_close=True)
+    body = handler.rfile.read(length)
+    if len(body) < length:
+        raise ConnectionError("request body ended early")
+    return body
+
+
+def read_json_body(handler, shape_name: str, limit: int) -> dict:
+    """Extract a JSON body as axum's Json does: 415, then 413, then 400 syntax, then 422 shape."""
+    if not is_json_content_type(handler.headers.get("content-type")):
+        raise text_rejection(415, "Expected request with `Content-Type: application/json`",
+                             should_close=True)
+    text = read_request_body(handler, limit)
+    try:
+        document = parse_json_value(text)
+    except PlasmiteError as err:
+        detail = err.message.split(": ", 1)[-1]
+        raise text_rejection(400, "Failed to parse the request body as JSON: " + detail) from None
+    check_body_shape(document, shape_name, text)
+    return document
+
+
+def check_bearer_token(config: ServeConfig, header_value) -> None:
+    """Require ``Authorization: Bearer <token>`` byte for byte; compared in constant time.
+
+    Raises PlasmiteError Permission "missing bearer token" / "invalid bearer token" (401).
+    """
+    import hmac
+
+    if header_value is None:
+        raise PlasmiteError("Permission", "missing bearer token")
+    # http.server decodes header bytes as latin-1, so this gives the bytes sent.
+    received = header_value.encode("latin-1")
+    if not hmac.compare_digest(received, ("Bearer " + config.token).encode("utf-8")):
+        raise PlasmiteError("Permission", "invalid bearer token")
+
+
+def served_pool_path(config: ServeConfig, name: str) -> str:
+    """Map a pool name from a request to its file in the pool directory, never outside it.
+
+    Raises PlasmiteError Usage (400) for names holding a path separator (a
+    decoded ``%2F``, an absolute path), a NUL byte, or nothing at all.
+    """
+    if "/" in name:
+        raise PlasmiteError("Usage", "pool name must not contain path separators")
+    if "\0" in name:
+        raise PlasmiteError("Usage", "pool name must not contain NUL bytes")
+    if not name:
+        raise PlasmiteError("Usage", "pool name must not be empty")
+    return resolve_pool_path(config.directory, name)
+
+
+class HttpRequest:
+    """What a route function sees: the parsed request and the server serving it.
+
+    ``params`` holds the decoded path parameters (``pool``, ``seq``),
+    ``query`` the parsed query of routes that take one, ``body`` the JSON
+    document or raw bytes of routes that read one, ``started`` the
+    monotonic time the request arrived (stream deadlines count from it).
+    """
+
+    def __init__(self, handler, params: dict, query: dict, body):
+        self.handler = handler
+        self.server = handler.server
+        self.config = handler.server.config
+        self.method = handler.command
+        self.headers = handler.headers
+        self.params = params
+        self.query = query
+        self.body = body
+        self.started = handler.request_started
+
+    def pool_path(self, name=None) -> str:
+        """The file of the pool the request names (path parameter unless ``name``)."""
+        return served_pool_path(self.config, self.params["pool"] if name is None else name)
+
+
+# -- routes -------------------------------------------------------------------
+
+def pool_document(pool: LocalPool, name: str) -> dict:
+    """The HTTP pool info: ``pool info --json`` fields with the requested name and server path."""
+    fields = pool.info()
+    fields["name"] = name
+    fields["path"] = pool.path
+    return fields
+
+
+def describe_pool(request: HttpRequest, name: str) -> Reply:
+    with LocalPool.open(request.pool_path(name)) as pool:
+        return json_reply({"pool": pool_document(pool, name)})
+
+
+def route_healthz(request: HttpRequest) -> Reply:
+    return json_reply({"ok": True})
+
+
+def route_ui_page(request: HttpRequest) -> Reply:
+    # One page for /ui and /ui/pools/NAME: it routes on location.pathname.
+    return Reply(200, WEB_UI_HTML.encode("utf-8"), HTML_CONTENT_TYPE, (), True)
+
+
+def route_create_pool(request: HttpRequest) -> Reply:
+    """POST /v0/pools: create a pool; 409 if it exists (upstream silently truncates it)."""
+    name = request.body["pool"]
+    path = request.pool_path(name)
+    size = request.body.get("size_bytes")
+    size = DEFAULT_POOL_SIZE if size is None else size
+    if size <= ring_offset_for(auto_index_capacity(size)):
+        raise PlasmiteError("Usage", "file_size must exceed header and index size")
+    if not os.path.isdir(request.config.directory):
+        # The server never creates its pool directory.
+        raise PlasmiteError("Io", None, path=path,
+                            causes=[describe_os_error(OSError(errno.ENOENT, ""))])
+    with LocalPool.create(path, size) as pool:
+        return json_reply({"pool": pool_document(pool, name)})
+
+
+def route_list_pools(request: HttpRequest) -> Reply:
+    """GET /v0/pools: info for every ``*.plasmite`` file, sorted by name; one bad pool fails all."""
+    directory = request.config.directory
+    try:
+        file_names = sorted(os.listdir(directory))
+    except FileNotFoundError as err:
+        raise PlasmiteError("NotFound", "failed to read pool directory", path=directory,
+                            causes=[describe_os_error(err)]) from err
+    except OSError as err:
+        raise error_from_os(err, "failed to read pool directory", path=directory) from err
+    pools = []
+    for file_name in file_names:
+        stem, extension = os.path.splitext(file_name)
+        if extension != POOL_SUFFIX:
+            continue
+        try:
+            pool = LocalPool.open(os.path.join(directory, file_name))
+        except PlasmiteError as err:
+            if err.kind == "NotFound":
+                continue  # deleted while we listed
+            raise
+        with pool:
+            pools.append(pool_document(pool, stem))
+    return json_reply({"pools": pools})
+
+
+def route_open_pool(request: HttpRequest) -> Reply:
+    return describe_pool(request, request.body["pool"])
+
+
+def route_pool_info(request: HttpRequest) -> Reply:
+    return describe_pool(request, request.params["pool"])
+
+
+def route_delete_pool(request: HttpRequest) -> Reply:
+    path = request.pool_path()
+    try:
+        os.unlink(path)
+    except FileNotFoundError as err:
+        raise PlasmiteError("NotFound", "failed to delete pool", path=path,
+                            causes=[describe_os_error(err)]) from err
+    except OSError as err:
+        raise error_from_os(err, "failed to delete pool", path=path) from err
+    return json_reply({"ok": True})
+
+
+def _append_reply(path: str, payload: bytes, should_flush: bool, tags: list, data) -> Reply:
+    with LocalPool.open(path) as pool:
+        seq, timestamp_ns = pool.append(payload, None, should_flush)
+    return json_reply({"message": {"data": data, "meta": {"tags": tags}, "seq": seq,
+                                   "time": format_timestamp(timestamp_ns)}})
+
+
+def route_append(request: HttpRequest) -> Reply:
+    """POST /v0/pools/{pool}/append: the response echoes the parsed data."""
+    path = request.pool_path()
+    body = request.body
+    tags = body.get("tags") or []
+    payload = encode_message(tags, body["data"])
+    return _append_reply(path, payload, body.get("durability") == "flush", tags, body["data"])
+
+
+def route_append_lite3(request: HttpRequest) -> Reply:
+    """POST /v0/pools/{pool}/append_lite3: store a valid Lite3 payload (else 500 Corrupt)."""
+    content_type = request.headers.get("content-type")
+    if content_type is not None and not content_type.lower().startswith(LITE3_CONTENT_TYPE):
+        raise PlasmiteError("Usage", "invalid content-type for lite3 append")
+    if not request.body:
+        raise PlasmiteError("Usage", "lite3 payload is required")
+    path = request.pool_path()
+    validate_lite3_message(request.body)
+    # Decoding before the append (upstream re-reads after it) keeps payloads
+    # that validate but cannot be read back out of the pool.
+    tags, data = decode_message(request.body)
+    return _append_reply(path, request.body, request.query["durability"] == "flush", tags, data)
+
+
+def _stored_frame(request: HttpRequest):
+    seq = request.params["seq"]
+    with LocalPool.open(request.pool_path()) as pool:
+        try:
+            return pool.get(seq)
+        except PlasmiteError as err:
+            if err.kind == "NotFound":
+                err.path = None  # upstream sends kind, message and seq only
+            raise
+
+
+def route_get_message(request: HttpRequest) -> Reply:
+    return json_reply({"message": message_fields(_stored_frame(request))})
+
+
+def route_get_lite3(request: HttpRequest) -> Reply:
+    frame = _stored_frame(request)
+    validate_lite3_message(frame.payload)
+    return Reply(200, frame.payload, LITE3_CONTENT_TYPE, (("plasmite-seq", str(frame.seq)),), True)
+
+
+def render_jsonl(frame) -> bytes:
+    return dump_json(message_fields(frame)).encode("utf-8") + b"\n"
+
+
+def render_event(frame) -> bytes:
+    return b"event: message\ndata: " + dump_json(message_fields(frame)).encode("utf-8") + b"\n\n"
+
+
+def render_lite3_frame(frame) -> bytes:
+    validate_lite3_message(frame.payload)
+    header = LITE3_STREAM_FRAME.pack(frame.seq, frame.timestamp_ns, len(frame.payload))
+    return header + frame.payload
+
+
+def follow_pool(request: HttpRequest, pool: LocalPool, deadline: float, render):
+    """Yield rendered messages from ``since_seq`` (default: the oldest) in seq order.
+
+    Drains history, then waits for appends, until ``max`` messages were sent,
+    the deadline passes, the server shuts down, or the client hangs up.  A
+    reader lapped by writers resumes at the oldest live message (Cursor).
+    """
+    query = request.query
+    max_messages = query.get("max")
+    tags = query["tag"]
+    stopping = request.server.stopping
+    cursor = pool.cursor(query.get("since_seq") or 1)
+    delivered = 0
+    while max_messages is None or delivered < max_messages:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or stopping.is_set():
+            return
+        frame = cursor.next_frame()
+        if frame is None:
+            if request.handler.is_peer_closed():
+                return
+            pool.wait_for_seq(cursor.next_seq, min(remaining, STREAM_CHECK_SECONDS), stopping)
+            continue
+        if tags:
+            message_tags = decode_message(frame.payload)[0]
+            if not all(tag in message_tags for tag in tags):
+                continue
+        yield render(frame)
+        delivered += 1
+
+
+def open_tail_stream(request: HttpRequest, render, content_type: str, headers=()) -> StreamReply:
+    """Start a stream: take a slot (423), check timeout_ms (400), open the pool (404), go.
+
+    Checking the pool before the headers turns upstream's aborted 200 into
+    a 404 envelope for a missing pool.
+    """
+    config = request.config
+    path = request.pool_path()
+    slots = request.server.tail_slots
+    if not slots.acquire(blocking=False):
+        raise PlasmiteError("Busy", "too many concurrent tail requests")
+    try:
+        timeout_ms = request.query.get("timeout_ms")
+        if timeout_ms is None:
+            timeout_ms = config.max_tail_timeout_ms
+        elif timeout_ms > config.max_tail_timeout_ms:
+            raise PlasmiteError("Usage", "tail timeout exceeds server limit")
+        pool = LocalPool.open(path)
+    except BaseException:
+        slots.release()
+        raise
+
+    def close():
+        pool.close()
+        slots.release()
+
+    chunks = follow_pool(request, pool, request.started + timeout_ms / 1000, render)
+    return StreamReply(content_type, chunks, headers, close)
+
+
+def route_tail(request: HttpRequest) -> StreamReply:
+    return open_tail_stream(request, render_jsonl, "application/jsonl")
+
+
+def route_tail_lite3(request: HttpRequest) -> StreamReply:
+    since_seq = request.query.get("since_seq")
+    if since_seq is not None:
+        # Upstream checks the first message before streaming: a corrupt one
+        # fails the request, a missing pool or seq does not.
+        try:
+            with LocalPool.open(request.pool_path()) as pool:
+                validate_lite3_message(pool.get(since_seq).payload)
+        except PlasmiteError as err:
+            if err.kind != "NotFound":
+                raise
+    return open_tail_stream(request, render_lite3_frame, LITE3_STREAM_CONTENT_TYPE)
+
+
+def route_ui_events(request: HttpRequest) -> StreamReply:
+    return open_tail_stream(request, render_event, "text/event-stream",
+                            (("cache-control", "no-cache, no-transform"),
+                             ("connection", "keep-alive")))
+
+
+Route = namedtuple("Route", "handler access body query")
+Route.__doc__ = ("One method of a route: its function, the access it needs (None: public, no "
+                 "auth), its body (None, 'raw' or a BODY_SHAPES name) and its query parser.")
+
+# Path patterns ({pool}, {seq} are parameters) -> method -> Route.  A static
+# segment beats a parameter, so DELETE /v0/pools/open is a 405, as upstream.
+ROUTES = {
+    ("healthz",): {"GET": Route(route_healthz, None, None, None)},
+    ("ui",): {"GET": Route(route_ui_page, None, None, None)},
+    ("ui", "pools", "{pool}"): {"GET": Route(route_ui_page, None, None, None)},
+    ("v0", "pools"): {"POST": Route(route_create_pool, "write", "create", None),
+                      "GET": Route(route_list_pools, "read", None, None)},
+    ("v0", "pools", "open"): {"POST": Route(route_open_pool, "read", "open", None)},
+    ("v0", "pools", "{pool}"): {"DELETE": Route(route_delete_pool, "write", None, None)},
+    ("v0", "pools", "{pool}", "info"): {"GET": Route(route_pool_info, "read", None, None)},
+    ("v0", "pools", "{pool}", "append"): {"POST": Route(route_append, "write", "append", None)},
+    ("v0", "pools", "{pool}", "append_lite3"): {
+        "POST": Route(route_append_lite3, "write", "raw", parse_durability_query)},
+    ("v0", "pools", "{pool}", "messages", "{seq}"): {
+        "GET": Route(route_get_message, "read", None, None)},
+    ("v0", "pools", "{pool}", "messages", "{seq}", "lite3"): {
+        "GET": Route(route_get_lite3, "read", None, None)},
+    ("v0", "pools", "{pool}", "tail"): {"GET": Route(route_tail, "read", None, parse_tail_query)},
+    ("v0", "pools", "{pool}", "tail_lite3"): {
+        "GET": Route(route_tail_lite3, "read", None, parse_tail_query)},
+    ("v0", "ui", "pools"): {"GET": Route(route_list_pools, "read", None, None)},
+    ("v0", "ui", "pools", "{pool}", "info"): {"GET": Route(route_pool_info, "read", None, None)},
+    ("v0", "ui", "pools", "{pool}", "events"): {
+        "GET": Route(route_ui_events, "read", None, parse_tail_query)},
+}
+
+
+def match_route(method: str, raw_path: str) -> tuple:
+    """Find the Route for a method and raw (percent-encoded) path; return (route, params).
+
+    Raises HttpRejection 404 (empty body) for an unknown path, 405 with
+    ``allow`` for a known path and another method (HEAD goes with GET), and
+    400 text/plain for a path parameter that does not decode.
+    """
+    from urllib.parse import unquote_to_bytes
+
+    segments = raw_path[1:].split("/") if raw_path.startswith("/") else None
+    best = None
+    for pattern in ROUTES if segments is not None else ():
+        if len(pattern) != len(segments):
+            continue
+        rank = []
+        for expected, segment in zip(pattern, segments):
+            if expected.startswith("{") and segment:
+                rank.append(1)
+            elif expected == segment:
+                rank.append(0)
+            else:
+                break
+        else:
+            if best is None or rank < best[0]:
+                best = (rank, pattern)
+    if best is None:
+        raise HttpRejection(Reply(404, b"", None, (), False))
+    methods = ROUTES[best[1]]
+    route = methods.get("GET" if method == "HEAD" else method)
+    if route is None:
+        allow = ",".join(name + (",HEAD" if name == "GET" else "") for name in methods)
+        raise HttpRejection(Reply(405, b"", None, (("allow", allow),), False))
+    params = {}
+    for index, (expected, segment) in enumerate(zip(best[1], segments)):
+        if expected == "{pool}":
+            try:
+                # http.server decoded the request line as latin-1: undo that first.
+                params["pool"] = unquote_to_bytes(segment.encode("latin-1")).decode("utf-8")
+            except UnicodeDecodeError:
+                raise text_rejection(400, "Invalid URL: Cannot parse `%s` as a UTF-8 string"
+                                     % segment) from None
+        elif expected == "{seq}":
+            try:
+                params["seq"] = parse_u64(segment)
+            except ValueError:
+                raise text_rejection(400, "Invalid URL: Cannot parse value at index 1 with value "
+                                     "`%s` to a `u64`" % dump_json(segment)) from None
+    return route, params
+
+
+def process_request(handler):
+    """Run one request through upstream's order and its route; return a Reply or StreamReply.
+
+    Order (remote.md 5.1): route, path parameters, query, body (415, 413,
+    400, 422), bearer token (401), access mode (403), then the route function
+    (pool name check, route checks, work).  Raises HttpRejection or
+    PlasmiteError for the caller to answer.
+    """
+    server = handler.server
+    config = server.config
+    target = handler.path
+    if target.startswith(("http://", "https://")):  # absolute-form: route on its path
+        target = "/" + target.split("/", 3)[-1] if target.count("/") >= 3 else "/"
+    raw_path, _, query_text = target.partition("?")
+    route, params = match_route(handler.command, raw_path)
+    # http.server decoded the request line as latin-1; queries are UTF-8.
+    query_text = query_text.encode("latin-1").decode("utf-8", "replace")
+    query = route.query(query_text) if route.query is not None else {}
+    body = None
+    if route.body == "raw":
+        body = read_request_body(handler, config.max_body_bytes)
+    elif route.body is not None:
+        body = read_json_body(handler, route.body, config.max_body_bytes)
+    elif handler.headers.get("content-length", "0").strip() != "0" or \
+            "transfer-encoding" in handler.headers:
+        handler.close_connection = True  # an unexpected body is left unread
+    handler.finish_reading()
+    if route.access is not None:
+        if config.token is not None:
+            check_bearer_token(config, handler.headers.get("authorization"))
+        if not config.allows(route.access):
+            raise PlasmiteError("Permission", "forbidden: access mode disallows %s operations"
+                                % route.access)
+    return route.handler(HttpRequest(handler, params, query, body))
+
+
+# -- the HTTP server ----------------------------------------------------------
+
+def _log_threshold() -> int:
+    """The log level from RUST_LOG (upstream's variable): default info."""
+    setting = os.environ.get("RUST_LOG", "").lower()
+    for name in ("trace", "debug", "info", "warn", "error"):
+        if name in setting:
+            return _LOG_LEVELS.get(name, 3)
+    return -1 if "off" in setting else _LOG_LEVELS["info"]
+
+
+_SERVER_CLASSES = []
+
+
+def _server_classes() -> tuple:
+    """Return (server class, handler class), defining them on first use (lazy http.server)."""
+    if not _SERVER_CLASSES:
+        _SERVER_CLASSES.extend(_define_server_classes())
+    return tuple(_SERVER_CLASSES)
+
+
+def _define_server_classes() -> tuple:
+    import http.server
+    import io
+    import socket
+    import socketserver
+
+    class DeadlineReader(io.RawIOBase):
+        """The socket reader behind a handler's rfile, enforcing a whole-request deadline.
+
+        While ``deadline`` is set (from a request's first byte until its body
+        is read) each read may block only until then; otherwise the socket's
+        own timeout applies (the idle timeout between requests).
+        """
+
+        def __init__(self, connection):
+            super().__init__()
+            self.connection = connection
+            self.deadline = None
+
+        def readable(self) -> bool:
+            return True
+
+        def readinto(self, buffer) -> int:
+            if self.deadline is not None:
+                remaining = self.deadline - time.monotonic()
+                if remaining <= 0:
+                    raise socket.timeout("request timed out")
+                self.connection.settimeout(remaining)
+            return self.connection.recv_into(buffer)
+
+    class PlasmiteHTTPServer(http.server.ThreadingHTTPServer):
+        """ThreadingHTTPServer with the serve configuration, tail slots and shutdown bookkeeping."""
+
+        daemon_threads = True
+
+        def __init__(self, config: ServeConfig, tls_context):
+            self.config = config
+            self.tls_context = tls_context
+            self.address_family = socket.AF_INET6 if config.address.version == 6 else socket.AF_INET
+            self.stopping = threading.Event()
+            self.tail_slots = threading.BoundedSemaphore(config.max_tail_concurrency)
+            self.log_threshold = _log_threshold()
+            self._log_lock = threading.Lock()
+            self._connections = {}  # handler -> True while it waits for a request
+            self._connections_lock = threading.Lock()
+            super().__init__((str(config.address), config.port), PlasmiteRequestHandler,
+                             bind_and_activate=False)
+
+        def server_bind(self) -> None:
+            # HTTPServer.server_bind would resolve the host name (a DNS query).
+            socketserver.TCPServer.server_bind(self)
+            self.server_name, self.server_port = self.server_address[:2]
+
+        def finish_request(self, request, client_address) -> None:
+            if self.tls_context is None:
+                super().finish_request(request, client_address)
+                return
+            request.settimeout(self.config.request_timeout)
+            try:
+                tls_request = self.tls_context.wrap_socket(request, server_side=True)
+            except OSError:
+                return  # failed handshakes are dropped silently, as upstream
+            try:
+                self.RequestHandlerClass(tls_request, client_address, self)
+            finally:
+                tls_request.close()
+
+        def handle_error(self, request, client_address) -> None:
+            error = sys.exc_info()[1]
+            if isinstance(error, OSError):
+                self.log("debug", "connection from %s ended: %s" % (client_address[0], error))
+            else:
+                import traceback
+
+                self.log("error", "request from %s failed: %s" % (
+                    client_address[0], traceback.format_exc().rstrip()))
+
+        def log(self, level: str, text: str) -> None:
+            """Write one log line to stdout (as upstream's tracing does) if the level is on."""
+            if _LOG_LEVELS[level] > self.log_threshold:
+                return
+            line = "%s %s %s\n" % (format_timestamp(time.time_ns()), level.upper(),
+                                   text.translate(_LOG_ESCAPES))
+            with self._log_lock:
+                try:
+                    sys.stdout.write(line)
+                    sys.stdout.flush()
+                except (OSError, ValueError):
+                    pass  # logging never fails a request
+
+        # -- connections and shutdown ------------------------------------------
+
+        def note_connection(self, handler, is_idle) -> None:
+            """Record whether a connection waits for a request (None: it closed)."""
+            with self._connections_lock:
+                if is_idle is None:
+                    self._connections.pop(handler, None)
+                else:
+                    self._connections[handler] = is_idle
+
+        def stop_serving(self, grace: float) -> None:
+            """Stop accepting; end streams and idle connections; give the rest ``grace`` s."""
+            self.stopping.set()
+            self.shutdown()
+            self.server_close()
+            deadline = time.monotonic() + grace
+            while time.monotonic() < deadline:
+                with self._connections_lock:
+                    if not self._connections:
+                        return
+                    idle = [handler for handler, is_idle in self._connections.items() if is_idle]
+                for handler in idle:
+                    try:
+                        handler.connection.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+                time.sleep(0.02)
+
+    class PlasmiteRequestHandler(http.server.BaseHTTPRequestHandler):
+        """Serves one connection: HTTP/1.1 keep-alive, every method through :meth:`dispatch`."""
+
+        protocol_version = "HTTP/1.1"
+        server_version = "plasmite/" + __version__
+
+        def setup(self) -> None:
+            super().setup()
+            self.rfile.close()
+            self.reader = DeadlineReader(self.connection)
+            self.rfile = io.BufferedReader(self.reader, 64 * 1024)
+            self.is_tls = self.server.tls_context is not None
+            self.is_response_started = False
+            self.request_started = time.monotonic()
+            self.server.note_connection(self, True)
+
+        def finish(self) -> None:
+            try:
+                super().finish()
+            finally:
+                self.server.note_connection(self, None)
+
+        def handle_one_request(self) -> None:
+            server = self.server
+            if server.stopping.is_set():
+                self.close_connection = True
+                return
+            self.reader.deadline = None
+            self.connection.settimeout(server.config.idle_timeout)
+            try:
+                has_request = bool(self.rfile.peek(1))
+            except OSError:
+                has_request = False
+            if not has_request or server.stopping.is_set():
+                self.close_connection = True
+                return
+            server.note_connection(self, False)
+            self.request_started = time.monotonic()
+            self.reader.deadline = self.request_started + server.config.request_timeout
+            try:
+                super().handle_one_request()
+            finally:
+                server.note_connection(self, True)
+
+        def finish_reading(self) -> None:
+            """The request is read: from now on only writes happen, each with the send timeout."""
+            self.reader.deadline = None
+            self.connection.settimeout(self.server.config.send_timeout)
+
+        def is_peer_closed(self) -> bool:
+            """True if the client hung up (plain HTTP only: TLS records cannot be peeked)."""
+            import select
+
+            if self.is_tls:
+                return False
+            try:
+                if not select.select([self.connection], [], [], 0)[0]:
+                    return False
+                return self.connection.recv(1, socket.MSG_PEEK) == b""
+            except (ValueError, BlockingIOError, InterruptedError, socket.timeout):
+                return False
+            except OSError:
+                return True
+
+        # -- dispatch ------------------------------------------------------------
+
+        def dispatch(self) -> None:
+            """Answer one request; the one try/except boundary of the request."""
+            self.is_response_started = False
+            try:
+                reply = process_request(self)
+                if isinstance(reply, StreamReply):
+                    self.send_stream(reply)
+                else:
+                    self.send_reply(reply)
+            except Exception as error:  # the request boundary: answer, log, never crash
+                self.fail(error)
+
+        do_GET = do_HEAD = do_POST = do_DELETE = do_PUT = do_PATCH = do_OPTIONS = dispatch
+        do_TRACE = do_CONNECT = dispatch
+
+        def fail(self, error: Exception) -> None:
+            """Answer a request that raised, or cut the connection if that is all that is left."""
+            if self.is_response_started or isinstance(error, OSError):
+                # Headers are out (the client sees the body cut short, as upstream
+                # aborts a failing stream), or the client hung up or timed out.
+                if isinstance(error, PlasmiteError):
+                    self.server.log("error", "stream aborted: %s: %s" % (error.kind, error))
+                elif not isinstance(error, OSError):
+                    self.server.handle_error(self.connection, self.client_address)
+                self.close_connection = True
+                return
+            if isinstance(error, HttpRejection):
+                reply = error.reply
+            elif isinstance(error, PlasmiteError):
+                reply = error_reply(error)
+            else:
+                self.server.handle_error(self.connection, self.client_address)
+                reply = error_reply(PlasmiteError("Internal", "internal server error"))
+            try:
+                self.send_reply(reply)
+            except OSError:
+                self.close_connection = True
+
+        def write_head(self, status: int, headers) -> None:
+            self.send_response_only(status)
+            for name, value in headers:
+                self.send_header(name, value)
+            self.send_header("date", self.date_time_string())
+            self.end_headers()
+            self.is_response_started = True
+            self.log_request(status)
+
+        def send_reply(self, reply: Reply) -> None:
+            headers = []
+            if reply.content_type is not None:
+                headers.append(("content-type", reply.content_type))
+            if reply.is_versioned:
+                headers.append(VERSION_HEADER)
+            headers.extend(reply.headers)
+            headers.append(("content-length", str(len(reply.body))))
+            self.write_head(reply.status, headers)
+            if self.command != "HEAD" and reply.body:
+                self.wfile.write(reply.body)
+
+        def send_stream(self, reply: StreamReply) -> None:
+            """Send 200 and the stream, one chunk per message (no chunking for HTTP/1.0)."""
+            try:
+                is_chunked = self.request_version != "HTTP/1.0"
+                headers = [("content-type", reply.content_type), VERSION_HEADER]
+                if is_chunked:
+                    headers.extend(reply.headers)
+                    headers.append(("transfer-encoding", "chunked"))
+                else:  # an HTTP/1.0 body ends when the connection does
+                    headers.extend(pair for pair in reply.headers if pair[0] != "connection")
+                    headers.append(("connection", "close"))
+                self.write_head(200, headers)
+                if self.command == "HEAD":
+                    return
+                write = self.wfile.write
+                for chunk in reply.chunks:
+                    write(b"%x\r\n%s\r\n" % (len(chunk), chunk) if is_chunked else chunk)
+                if is_chunked:
+                    write(b"0\r\n\r\n")
+            finally:
+                reply.close()
+
+        # -- http.server hooks ---------------------------------------------------
+
+        def send_error(self, code, message=None, explain=None) -> None:
+            """Answer malformed requests (bad request line, huge headers) with an empty body."""
+            self.log_error("code %d, message %s", code, message)
+            self.close_connection = True
+            if not self.is_response_started:
+                self.write_head(code, [("content-length", "0"), ("connection", "close")])
+
+        def log_request(self, code="-", size="-") -> None:
+            # 501 and 505 answer unknown methods and versions: client mistakes.
+            level = "error" if isinstance(code, int) and code >= 500 and code not in (501, 505) \
+                else "debug"
+            text = "response failed" if level == "error" else "response"
+            self.server.log(level, "%s status=%s method=%s path=%s client=%s" % (
+                text, code, self.command, getattr(self, "path", "-"), self.client_address[0]))
+
+        def log_error(self, format, *args) -> None:  # noqa: A002 (http.server's signature)
+            self.server.log("debug", "%s %s" % (self.address_string(), format % args))
+
+        def log_message(self, format, *args) -> None:  # noqa: A002 (http.server's signature)
+            self.server.log("info", "%s %s" % (self.address_string(), format % args))
+
+    return PlasmiteHTTPServer, PlasmiteRequestHandler
+
+
+def create_server(config: ServeConfig, tls_context=None):
+    """Bind the server socket; return the (not yet serving) server.
+
+    Raises PlasmiteError Io "failed to bind server" ("failed to bind TLS
+    server" with TLS) with the OS error as cause.
+    """
+    server_class, _handler_class = _server_classes()
+    server = server_class(config, tls_context)
+    try:
+        server.server_bind()
+        server.server_activate()
+    except OSError as err:
+        server.server_close()
+        message = "failed to bind TLS server" if tls_context else "failed to bind server"
+        raise PlasmiteError("Io", message, causes=[describe_os_error(err)]) from err
+    return server
+
+
+def run_server(config: ServeConfig, stop_event=None, on_listening=None) -> int:
+    """Serve pools over HTTP until SIGINT/SIGTERM or ``stop_event``; return 0.
+
+    Prints the banner to stderr when stderr is a terminal, loads TLS, binds
+    (PlasmiteError Io/Usage for TLS files and binding, remote.md 2.1), then
+    serves on daemon threads.  ``on_listening(address)`` is called with the
+    bound (host, port) once requests are accepted (tests bind port 0).  On
+    stop, open streams end cleanly, idle connections close, and in-flight
+    requests get SHUTDOWN_GRACE_SECONDS.  Signal handlers are installed only
+    when called from the main thread.
+    """
+    import signal
+
+    if is_terminal(sys.stderr):
+        sys.stderr.write(render_serve_banner(config))
+        sys.stderr.flush()
+    tls_context = load_tls_context(config)
+    server = create_server(config, tls_context)
+    stop = stop_event if stop_event is not None else threading.Event()
+
+    def request_stop(signal_number, frame):
+        stop.set()
+
+    previous_handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        for signal_number in (signal.SIGINT, signal.SIGTERM):
+            previous_handlers[signal_number] = signal.signal(signal_number, request_stop)
+    serving = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
+                               name="plasmite-serve", daemon=True)
+    serving.start()
+    try:
+        if on_listening is not None:
+            on_listening(server.server_address[:2])
+        while not stop.wait(0.2):
+            pass
+    finally:
+        server.stop_serving(SHUTDOWN_GRACE_SECONDS)
+        for signal_number, handler in previous_handlers.items():
+            signal.signal(signal_number, handler)
+    return 0
+
+
+# -- web UI -------------------------------------------------------------------
+
+# The whole web UI (spec/remote.md 8): one page for /ui and /ui/pools/NAME,
+# routing on location.pathname; inline CSS and script, no external assets,
+# user content inserted as text only, a strict Content-Security-Policy, and a
+# layout that works down to phone width.  Served from memory.
+WEB_UI_HTML = r"""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1, viewport-fit=cover">
+<meta name="color-scheme" content="dark">
+<meta name="referrer" content="no-referrer">
+<meta http-equiv="Content-Security-Policy" content="default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src data:; base-uri 'none'; form-action 'none'">
+<link rel="icon" href="data:,">
+<title>Plasmite UI</title>
+<style>
+:root {
+  --bg: #0b0e13; --panel: #11161d; --raised: #171d26; --line: #232c38; --line2: #2e3946;
+  --text: #d8dfe8; --muted: #8d99a8; --dim: #5f6b7a;
+  --accent: #b295ff; --link: #8ab4ff; --ok: #45d19a; --warn: #e9b85a; --err: #ff7070;
+  --mono: ui-monospace, SFMono-Regular, Menlo, Consolas, "DejaVu Sans Mono", "Liberation Mono", monospace;
+}
+* { box-sizing: border-box; }
+html { -webkit-text-size-adjust: 100%; text-size-adjust: 100%; }
+body { margin: 0; background: var(--bg); color: var(--text); font: 14px/1.5 var(--mono); min-height: 100vh; }
+a { color: var(--link); text-decoration: none; }
+a:hover { text-decoration: underline; }
+[hidden] { display: none !important; }
+
+.top { position: sticky; top: 0; z-index: 10; background: rgba(11, 14, 19, 0.94);
+  border-bottom: 1px solid var(--line); -webkit-backdrop-filter: blur(8px); backdrop-filter: blur(8px); }
+.bar, .authbar, main { max-width: 1080px; margin: 0 auto; padding-left: 16px; padding-right: 16px; }
+.bar { display: flex; flex-wrap: wrap; align-items: center; gap: 8px 14px; padding-top: 10px; padding-bottom: 10px; }
+.lead { display: flex; align-items: center; gap: 12px; min-width: 0; flex: 1 1 auto; }
+.brand { font-weight: 700; letter-spacing: 0.14em; white-space: nowrap; }
+.brand::before { content: ""; display: inline-block; width: 9px; height: 9px; margin-right: 9px; border-radius: 50%;
+  background: var(--accent); box-shadow: 0 0 10px var(--accent); vertical-align: 1px; }
+.back { display: inline-flex; align-items: center; min-height: 36px; padding: 0 12px; border: 1px solid var(--line2);
+  border-radius: 8px; color: var(--muted); white-space: nowrap; }
+.back:hover { color: var(--text); border-color: var(--dim); text-decoration: none; }
+.title { font-weight: 700; min-width: 0; overflow-wrap: anywhere; }
+.pills { display: flex; flex-wrap: wrap; gap: 6px; }
+.pill { display: inline-flex; align-items: center; gap: 6px; padding: 2px 10px; border: 1px solid var(--line2);
+  border-radius: 999px; font-size: 12px; color: var(--muted); white-space: nowrap; background: var(--panel); }
+.pill.status::before { content: ""; width: 7px; height: 7px; border-radius: 50%; background: currentColor; }
+.pill.live { color: var(--ok); border-color: rgba(69, 209, 154, 0.4); }
+.pill.live::before { animation: pulse 2s ease-in-out infinite; }
+.pill.reconnecting { color: var(--warn); border-color: rgba(233, 184, 90, 0.4); }
+.pill.error { color: var(--err); border-color: rgba(255, 112, 112, 0.45); }
+.pill.kind { color: var(--accent); border-color: rgba(178, 149, 255, 0.4); }
+@keyframes pulse { 50% { opacity: 0.35; } }
+
+.authbar { display: flex; gap: 8px; padding-top: 12px; }
+.authbar input { flex: 1 1 auto; min-width: 0; max-width: 420px; }
+input, button { font: inherit; color: inherit; }
+input { min-height: 38px; padding: 6px 10px; background: var(--panel); border: 1px solid var(--line2);
+  border-radius: 8px; outline: none; }
+input::placeholder { color: var(--dim); }
+input:focus { border-color: var(--accent); }
+button { min-height: 38px; padding: 6px 16px; background: var(--raised); border: 1px solid var(--line2);
+  border-radius: 8px; cursor: pointer; white-space: nowrap; }
+button:hover { border-color: var(--dim); }
+button:focus-visible, a:focus-visible, summary:focus-visible { outline: 2px solid var(--accent); outline-offset: 2px; }
+
+main { padding-top: 14px; padding-bottom: 48px; }
+.section-label { margin: 18px 0 8px; color: var(--dim); font-size: 12px; letter-spacing: 0.1em; text-transform: uppercase; }
+.error-text { color: var(--err); overflow-wrap: anywhere; white-space: pre-wrap; margin: 10px 0; }
+.empty { color: var(--dim); padding: 18px 2px; }
+
+.pools { display: flex; flex-direction: column; gap: 8px; }
+.pool-row { display: flex; align-items: center; gap: 12px; padding: 12px 14px; min-height: 56px; background: var(--panel);
+  border: 1px solid var(--line); border-radius: 10px; color: var(--text); }
+.pool-row:hover { border-color: var(--line2); background: var(--raised); text-decoration: none; }
+.pool-main { flex: 1 1 auto; min-width: 0; }
+.pool-name { color: var(--link); font-weight: 700; overflow-wrap: anywhere; }
+.pool-facts { display: flex; flex-wrap: wrap; gap: 2px 16px; margin-top: 2px; font-size: 12px; color: var(--muted); }
+.pool-facts span { overflow-wrap: anywhere; min-width: 0; }
+.chevron { color: var(--dim); flex: none; }
+
+.info { background: var(--panel); border: 1px solid var(--line); border-radius: 10px; }
+.info > summary { display: flex; align-items: center; gap: 10px; min-height: 38px; padding: 6px 14px; cursor: pointer;
+  list-style: none; user-select: none; color: var(--dim); font-size: 12px; }
+.info > summary::-webkit-details-marker { display: none; }
+.info > summary::before { content: "\25B8"; }
+.info[open] > summary::before { content: "\25BE"; }
+.info-title { letter-spacing: 0.1em; text-transform: uppercase; }
+.info-brief { min-width: 0; color: var(--muted); overflow-wrap: anywhere; }
+.info[open] .info-brief { display: none; }
+.info-body { padding: 0 14px 12px; }
+.info-body > .error-text, .info-body > .empty { margin: 0; padding: 2px 0; }
+.info-grid { display: grid; grid-template-columns: max-content minmax(0, 1fr); gap: 3px 14px; margin: 0; }
+.info-grid dt { color: var(--dim); }
+.info-grid dd { margin: 0; min-width: 0; overflow-wrap: anywhere; }
+.meter { height: 4px; margin-top: 5px; border-radius: 2px; background: var(--line); overflow: hidden; max-width: 260px; }
+.meter i { display: block; height: 100%; background: var(--accent); }
+
+.stream { display: flex; flex-direction: column; gap: 8px; }
+.card { background: var(--panel); border: 1px solid var(--line); border-left: 3px solid var(--line2);
+  border-radius: 8px; padding: 9px 12px 7px; min-width: 0; }
+.card.tone-error { border-left-color: var(--err); }
+.card.tone-warn { border-left-color: var(--warn); }
+.card.tone-ok { border-left-color: var(--ok); }
+.card.tone-accent { border-left-color: var(--accent); }
+.card-head { color: var(--muted); font-size: 12px; }
+.card-head .seq { color: var(--text); font-weight: 700; font-size: 13px; }
+.row { display: flex; gap: 10px; margin-top: 6px; min-width: 0; }
+.row-label { flex: none; width: 4ch; color: var(--dim); font-size: 11px; line-height: 21px; }
+.row-body { flex: 1 1 auto; min-width: 0; }
+.chips { display: flex; flex-wrap: wrap; gap: 4px; }
+.chip { padding: 0 8px; border: 1px solid var(--line2); border-radius: 999px; font-size: 12px; line-height: 19px;
+  color: #b9c5d3; background: var(--raised); max-width: 100%; overflow-wrap: anywhere; }
+.chip.tone-error { color: #ff9c9c; background: rgba(255, 112, 112, 0.1); border-color: rgba(255, 112, 112, 0.4); }
+.chip.tone-warn { color: #f3cd85; background: rgba(233, 184, 90, 0.1); border-color: rgba(233, 184, 90, 0.4); }
+.chip.tone-ok { color: #7fe3bb; background: rgba(69, 209, 154, 0.1); border-color: rgba(69, 209, 154, 0.4); }
+.facts { display: flex; flex-wrap: wrap; gap: 0 16px; line-height: 21px; }
+.fact { min-width: 0; overflow-wrap: anywhere; }
+.fact .key { color: var(--dim); }
+.fact .key::after { content: "="; }
+.preview { margin-top: 2px; overflow: hidden; display: -webkit-box; -webkit-box-orient: vertical; -webkit-line-clamp: 2;
+  line-clamp: 2; overflow-wrap: anywhere; }
+.preview.fallback { color: var(--muted); font-size: 12px; }
+details.json { margin-top: 4px; }
+details.json summary { display: inline-block; padding: 4px 10px 4px 0; color: var(--dim); font-size: 12px; cursor: pointer;
+  list-style: none; user-select: none; }
+details.json summary::-webkit-details-marker { display: none; }
+details.json summary::before { content: "\25B8  "; }
+details.json[open] summary::before { content: "\25BE  "; }
+details.json summary:hover { color: var(--muted); }
+pre { margin: 2px 0 4px; padding: 8px 10px; max-height: 60vh; overflow: auto; background: #080a0e; border: 1px solid var(--line);
+  border-radius: 6px; font: 12px/1.45 var(--mono); white-space: pre-wrap; overflow-wrap: anywhere; color: #c6d0dc; }
+.card.failure { border-left-color: var(--err); color: var(--err); font-size: 13px; padding-bottom: 9px; }
+.failure-text { overflow-wrap: anywhere; white-space: pre-wrap; }
+.failure-count { color: var(--muted); font-size: 12px; margin-left: 8px; }
+
+.latest { position: fixed; right: 16px; bottom: 16px; z-index: 20; border-color: var(--accent); color: var(--accent);
+  background: rgba(17, 22, 29, 0.96); box-shadow: 0 4px 16px rgba(0, 0, 0, 0.5); }
+
+@media (max-width: 640px) {
+  .bar, .authbar, main { padding-left: 10px; padding-right: 10px; }
+  .bar { padding-top: 8px; padding-bottom: 8px; gap: 6px 10px; }
+  input, button { font-size: 16px; min-height: 44px; }
+  .authbar input { max-width: none; }
+  .back { min-height: 40px; }
+  .pool-row { padding: 12px; }
+  .info > summary { min-height: 44px; padding: 6px 12px; }
+  .info-body { padding: 0 12px 12px; }
+  .card { padding: 9px 10px 7px; }
+  .row { gap: 8px; }
+  .row-label { display: none; }
+  details.json summary { padding: 8px 14px 8px 0; }
+  .latest { right: 10px; bottom: 12px; }
+}
+</style>
+</head>
+<body>
+<header class="top"><div class="bar" id="bar"></div></header>
+<form class="authbar" id="authbar" autocomplete="off">
+  <input id="token" type="password" placeholder="Bearer token (optional)" aria-label="Bearer token (optional)" autocomplete="off" spellcheck="false">
+  <button id="apply" type="submit">Reload</button>
+</form>
+<main id="main"></main>
+<button id="latest" class="latest" type="button" hidden>&#8595; latest</button>
+<script>
+"use strict";
+(function () {
+  // Everything shown from the server or the URL goes in through textContent
+  // or element properties; no string is ever parsed as HTML.
+  var RECONNECT_MS = 700;
+  var STREAM_TIMEOUT_MS = 30000;
+  var TIME_REFRESH_MS = 10000;
+  var NEAR_BOTTOM_PX = 16;
+  var MONTHS = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
+  var PREFERRED_KEYS = ["type", "id", "state", "task_id", "agent_id", "from_id", "to_id", "path", "ts"];
+  var TONES = [
+    ["error", ["error", "fail", "panic", "fatal"]],
+    ["warn", ["warn", "retry", "reconnect", "cancel"]],
+    ["ok", ["done", "ok", "success", "result"]]
+  ];
+  var ISO_PATTERN = /^\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}:?\d{2})?$/i;
+  var TOKEN_STORAGE_KEY = "plasmite-ui-token";
+
+  var params = new URLSearchParams(location.search);
+  var bufferLimit = parseBufferLimit(params.get("n"));
+  var tokenInput = document.getElementById("token");
+  var authForm = document.getElementById("authbar");
+  var applyButton = document.getElementById("apply");
+  var bar = document.getElementById("bar");
+  var main = document.getElementById("main");
+  var latestButton = document.getElementById("latest");
+
+  // -- small helpers ---------------------------------------------------------
+
+  function el(tag, className, text) {
+    var node = document.createElement(tag);
+    if (className) node.className = className;
+    if (text !== undefined && text !== null) node.textContent = String(text);
+    return node;
+  }
+
+  function parseBufferLimit(text) {
+    var value = parseInt(text, 10);
+    if (!isFinite(value)) return 400;
+    return Math.min(2000, Math.max(1, value));
+  }
+
+  function readStoredToken() {
+    try { return sessionStorage.getItem(TOKEN_STORAGE_KEY) || ""; } catch (err) { return ""; }
+  }
+
+  function storeToken(token) {
+    try {
+      if (token) sessionStorage.setItem(TOKEN_STORAGE_KEY, token);
+      else sessionStorage.removeItem(TOKEN_STORAGE_KEY);
+    } catch (err) { /* storage unavailable: the token lives in the input only */ }
+  }
+
+  function currentToken() {
+    return tokenInput.value;
+  }
+
+  // Re-read the token: remember it for this tab, and keep a token that came
+  // in the URL in step so links and reloads carry the new one.
+  function applyToken() {
+    var token = currentToken();
+    storeToken(token);
+    if (params.has("token")) {
+      if (token) params.set("token", token); else params.delete("token");
+      var search = params.toString();
+      history.replaceState(null, "", location.pathname + (search ? "?" + search : "") + location.hash);
+    }
+  }
+
+  function carriedQuery() {
+    var carried = new URLSearchParams();
+    if (params.has("token")) carried.set("token", params.get("token"));
+    if (params.has("n")) carried.set("n", params.get("n"));
+    var text = carried.toString();
+    return text ? "?" + text : "";
+  }
+
+  function request(url, options) {
+    var headers = {};
+    var token = currentToken();
+    if (token) headers.Authorization = "Bearer " + token;
+    var init = { headers: headers, cache: "no-store", credentials: "same-origin" };
+    if (options && options.signal) init.signal = options.signal;
+    return fetch(url, init);
+  }
+
+  function readText(response) {
+    return response.text().catch(function () { return ""; });
+  }
+
+  function failureText(what, status, body) {
+    return what + " failed (" + status + "): " + body;
+  }
+
+  function networkReason(err) {
+    return (err && err.message) ? err.message : String(err);
+  }
+
+  function pad2(value) { return (value < 10 ? "0" : "") + value; }
+
+  function clockTime(date) { return pad2(date.getHours()) + ":" + pad2(date.getMinutes()); }
+
+  function isSameDay(a, b) {
+    return a.getFullYear() === b.getFullYear() && a.getMonth() === b.getMonth() && a.getDate() === b.getDate();
+  }
+
+  function parseTime(text) {
+    if (typeof text !== "string") return NaN;
+    // Trim nanoseconds to milliseconds: Date.parse wants at most three digits everywhere.
+    var trimmed = text.trim().replace(/(\.\d{3})\d+/, "$1");
+    return Date.parse(trimmed);
+  }
+
+  function monthDayTime(date) {
+    return MONTHS[date.getMonth()] + " " + date.getDate() + " " + clockTime(date);
+  }
+
+  function relativeTime(ms) {
+    var now = new Date();
+    var seconds = Math.floor((now.getTime() - ms) / 1000);
+    if (seconds < 5) return "just now";
+    if (seconds < 60) return seconds + "s ago";
+    if (seconds < 3600) return Math.floor(seconds / 60) + "m ago";
+    var date = new Date(ms);
+    if (isSameDay(date, now)) return Math.floor(seconds / 3600) + "h ago";
+    var yesterday = new Date(now.getFullYear(), now.getMonth(), now.getDate() - 1);
+    if (isSameDay(date, yesterday)) return "yesterday " + clockTime(date);
+    return monthDayTime(date);
+  }
+
+  function shortTime(ms) {
+    var date = new Date(ms);
+    if (isSameDay(date, new Date())) return clockTime(date) + ":" + pad2(date.getSeconds());
+    return monthDayTime(date);
+  }
+
+  // Elements whose text is a relative time carry the epoch ms and a renderer.
+  var timedNodes = [];
+  function trackTime(node, ms, render) {
+    node._plasmiteTime = ms;
+    node._plasmiteRender = render;
+    node.textContent = render(ms);
+    timedNodes.push(node);
+    return node;
+  }
+
+  function refreshTimes() {
+    timedNodes = timedNodes.filter(function (node) { return node.isConnected; });
+    timedNodes.forEach(function (node) { node.textContent = node._plasmiteRender(node._plasmiteTime); });
+  }
+
+  function humanBytes(value) {
+    if (typeof value !== "number" || !isFinite(value)) return "-";
+    if (value < 1024) return value + " B";
+    var units = ["KB", "MB", "GB"];
+    var scaled = value / 1024;
+    var unit = 0;
+    while (scaled >= 1024 && unit < units.length - 1) { scaled /= 1024; unit += 1; }
+    return scaled.toFixed(1) + " " + units[unit];
+  }
+
+  function collapse(text) { return String(text).replace(/\s+/g, " ").trim(); }
+
+  function truncate(text, limit) {
+    return text.length > limit ? text.slice(0, limit - 1) + "\u2026" : text;
+  }
+
+  function compactJson(value) {
+    try {
+      var text = JSON.stringify(value);
+      return text === undefined ? String(value) : text;
+    } catch (err) { return String(value); }
+  }
+
+  function isObject(value) { return value !== null && typeof value === "object" && !Array.isArray(value); }
+
+  function toneOf(tag) {
+    var lower = String(tag).toLowerCase();
+    for (var i = 0; i < TONES.length; i++) {
+      var words = TONES[i][1];
+      for (var j = 0; j < words.length; j++) if (lower.indexOf(words[j]) >= 0) return TONES[i][0];
+    }
+    return "";
+  }
+
+  function pill(className, text) { return el("span", "pill " + className, text); }
+
+  function header(leadNodes, pillNodes) {
+    bar.textContent = "";
+    var lead = el("div", "lead");
+    leadNodes.forEach(function (node) { lead.appendChild(node); });
+    var pills = el("div", "pills");
+    pillNodes.forEach(function (node) { pills.appendChild(node); });
+    bar.appendChild(lead);
+    bar.appendChild(pills);
+  }
+
+  // -- catalog view (/ui) ------------------------------------------------------
+
+  function catalogView() {
+    var countPill = pill("", "");
+    countPill.hidden = true;
+    header([el("span", "brand", "PLASMITE UI")], [pill("kind", "catalog"), countPill]);
+    applyButton.textContent = "Reload";
+    var generation = 0;
+
+    function load() {
+      generation += 1;
+      var mine = generation;
+      main.textContent = "";
+      main.appendChild(el("div", "empty", "loading\u2026"));
+      request("/v0/ui/pools").then(function (response) {
+        return readText(response).then(function (body) {
+          if (mine !== generation) return;
+          if (!response.ok) return showFailure(failureText("pool list", response.status, body));
+          var listing;
+          try { listing = JSON.parse(body); } catch (err) {
+            return showFailure(failureText("pool list", response.status, body));
+          }
+          var pools = (listing && Array.isArray(listing.pools)) ? listing.pools.slice() : [];
+          showPools(pools);
+        });
+      }, function (err) {
+        if (mine === generation) showFailure(failureText("pool list", "network", networkReason(err)));
+      });
+    }
+
+    function showFailure(text) {
+      countPill.hidden = true;
+      main.textContent = "";
+      main.appendChild(el("div", "error-text", text));
+    }
+
+    function showPools(pools) {
+      pools = pools.filter(isObject);
+      pools.sort(function (a, b) {
+        var left = String(a.name), right = String(b.name);
+        return left < right ? -1 : left > right ? 1 : 0;
+      });
+      main.textContent = "";
+      countPill.textContent = pools.length + (pools.length === 1 ? " pool" : " pools");
+      countPill.hidden = false;
+      if (!pools.length) {
+        main.appendChild(el("div", "empty", "No pools found."));
+        return;
+      }
+      var list = el("nav", "pools");
+      var query = carriedQuery();
+      pools.forEach(function (info) {
+        var name = String(info.name);
+        var row = el("a", "pool-row");
+        row.href = "/ui/pools/" + encodeURIComponent(name) + query;
+        var body = el("div", "pool-main");
+        body.appendChild(el("div", "pool-name", name));
+        var facts = el("div", "pool-facts");
+        facts.appendChild(el("span", "", "path: " + (info.path == null ? "-" : info.path)));
+        var ring = el("span", "", "P: " + (info.ring_size == null ? "-" : info.ring_size));
+        if (typeof info.ring_size === "number") ring.title = humanBytes(info.ring_size) + " ring";
+        facts.appendChild(ring);
+        var bounds = isObject(info.bounds) ? info.bounds : {};
+        facts.appendChild(el("span", "", "newest: " + (bounds.newest == null ? "-" : bounds.newest)));
+        var age = isObject(info.metrics) && isObject(info.metrics.age) ? info.metrics.age : {};
+        var newestMs = parseTime(age.newest_time);
+        if (!isNaN(newestMs)) {
+          var when = trackTime(el("span"), newestMs, relativeTime);
+          when.title = age.newest_time;
+          facts.appendChild(when);
+        }
+        body.appendChild(facts);
+        row.appendChild(body);
+        row.appendChild(el("span", "chevron", "\u203A"));
+        list.appendChild(row);
+      });
+      main.appendChild(list);
+    }
+
+    authForm.addEventListener("submit", function (event) {
+      event.preventDefault();
+      applyToken();
+      load();
+    });
+    load();
+  }
+
+  // -- pool watch view (/ui/pools/NAME) ------------------------------------------
+
+  function poolView(name) {
+    var apiBase = "/v0/ui/pools/" + encodeURIComponent(name);
+    var back = el("a", "back", "< back");
+    back.href = "/ui" + carriedQuery();
+    var statusPill = pill("status reconnecting", "reconnecting");
+    statusPill.setAttribute("role", "status");
+    var countPill = pill("count", "");
+    var sizePill = pill("size", "");
+    sizePill.hidden = true;
+    header([back, el("span", "title", "pool: " + name)], [statusPill, countPill, sizePill]);
+    applyButton.textContent = "Apply";
+
+    // The info panel folds away on narrow screens, where the stream matters most.
+    var infoBox = el("details", "info");
+    infoBox.open = !window.matchMedia("(max-width: 640px)").matches;
+    var infoSummary = el("summary");
+    infoSummary.appendChild(el("span", "info-title", "info"));
+    var infoBrief = el("span", "info-brief", "");
+    infoSummary.appendChild(infoBrief);
+    var infoBody = el("div", "info-body");
+    infoBox.appendChild(infoSummary);
+    infoBox.appendChild(infoBody);
+    var streamLabel = el("div", "section-label", "stream");
+    var stream = el("div", "stream");
+    var waiting = el("div", "empty", "waiting for messages\u2026");
+    main.textContent = "";
+    main.appendChild(infoBox);
+    main.appendChild(streamLabel);
+    main.appendChild(waiting);
+    main.appendChild(stream);
+
+    var state = { generation: 0, since: null, lastSeq: 0, count: 0, controller: null, timer: null,
+      isInfoFailed: false };
+
+    function setStatus(status) {
+      statusPill.className = "pill status " + status;
+      statusPill.textContent = status;
+    }
+
+    function updateCount() {
+      countPill.textContent = state.count + " of " + bufferLimit + " buffered";
+      waiting.hidden = stream.firstChild !== null;
+    }
+
+    // -- info panel --
+
+    function infoRow(grid, label, value) {
+      grid.appendChild(el("dt", "", label));
+      var cell = el("dd");
+      if (value instanceof Node) cell.appendChild(value); else cell.textContent = value;
+      grid.appendChild(cell);
+      return cell;
+    }
+
+    function timeValue(text) {
+      var span = el("span");
+      var ms = parseTime(text);
+      if (text == null || isNaN(ms)) { span.textContent = text == null ? "-" : String(text); return span; }
+      return trackTime(span, ms, function (value) { return text + " (" + relativeTime(value) + ")"; });
+    }
+
+    function showInfo(info) {
+      state.isInfoFailed = false;
+      var bounds = isObject(info.bounds) ? info.bounds : {};
+      var metrics = isObject(info.metrics) ? info.metrics : {};
+      var usage = isObject(metrics.utilization) ? metrics.utilization : {};
+      var age = isObject(metrics.age) ? metrics.age : {};
+      var dash = function (value) { return value == null ? "-" : String(value); };
+      var grid = el("dl", "info-grid");
+      infoRow(grid, "Pool", dash(info.name));
+      infoRow(grid, "Path", dash(info.path));
+      infoRow(grid, "Size", humanBytes(info.file_size) + " (ring: offset=" + dash(info.ring_offset) +
+        " size=" + humanBytes(info.ring_size) + ")");
+      var count = metrics.message_count;
+      if (count == null && bounds.newest != null && bounds.oldest != null) count = bounds.newest - bounds.oldest + 1;
+      infoRow(grid, "Bounds", "oldest=" + dash(bounds.oldest) + " newest=" + dash(bounds.newest) +
+        " count=" + dash(count));
+      var percent = typeof usage.used_percent === "number" ? usage.used_percent : NaN;
+      var utilCell = infoRow(grid, "Util", humanBytes(usage.used_bytes) + " used, " + humanBytes(usage.free_bytes) +
+        " free (" + (isFinite(percent) ? percent.toFixed(2) : "-") + "%)");
+      if (isFinite(percent)) {
+        var meter = el("div", "meter");
+        var fill = el("i");
+        fill.style.width = Math.min(100, Math.max(0, percent)) + "%";
+        meter.appendChild(fill);
+        utilCell.appendChild(meter);
+      }
+      infoRow(grid, "Oldest", timeValue(age.oldest_time));
+      infoRow(grid, "Newest", timeValue(age.newest_time));
+      infoBody.textContent = "";
+      infoBody.appendChild(grid);
+      infoBrief.textContent = "oldest=" + dash(bounds.oldest) + " newest=" + dash(bounds.newest) +
+        (isFinite(percent) ? " \u00B7 " + percent.toFixed(2) + "% used" : "");
+      if (typeof info.ring_size === "number") {
+        sizePill.textContent = humanBytes(info.ring_size) + " pool";
+        sizePill.hidden = false;
+      }
+    }
+
+    function showInfoFailure(text) {
+      state.isInfoFailed = true;
+      infoBody.textContent = "";
+      infoBody.appendChild(el("div", "error-text", text));
+      infoBrief.textContent = "failed";
+      infoBox.open = true;
+    }
+
+    function loadInfo(generation) {
+      return request(apiBase + "/info").then(function (response) {
+        return readText(response).then(function (body) {
+          if (generation !== state.generation) return null;
+          var info = null;
+          if (response.ok) {
+            try { info = JSON.parse(body).pool; } catch (err) { info = null; }
+          }
+          if (!isObject(info)) {
+            showInfoFailure(failureText("pool info", response.status, body));
+            return null;
+          }
+          showInfo(info);
+          return info;
+        });
+      }, function (err) {
+        if (generation === state.generation) {
+          showInfoFailure(failureText("pool info", "network", networkReason(err)));
+        }
+        return null;
+      });
+    }
+
+    // -- message cards --
+
+    function factText(key, value) {
+      var raw = typeof value === "string" ? value : compactJson(value);
+      var text = collapse(raw);
+      if (typeof value === "string" && ISO_PATTERN.test(text)) {
+        var ms = parseTime(text);
+        if (!isNaN(ms)) return { text: shortTime(ms), title: text };
+      }
+      var limit = key === "ts" ? 42 : 72;
+      return { text: truncate(text, limit), title: text.length > limit ? text : "" };
+    }
+
+    function collectFacts(sources, preview) {
+      var facts = [];
+      var seen = {};
+      function add(source, key) {
+        if (facts.length >= 6 || seen[key] || !Object.prototype.hasOwnProperty.call(source, key)) return;
+        if (key === "tags" || key === "data") return;
+        if (preview && source === preview.source && key === preview.key) return;  // shown below
+        seen[key] = true;
+        facts.push([key, source[key]]);
+      }
+      PREFERRED_KEYS.forEach(function (key) { sources.forEach(function (source) { add(source, key); }); });
+      sources.forEach(function (source) { Object.keys(source).forEach(function (key) { add(source, key); }); });
+      return facts;
+    }
+
+    function findPreview(sources) {
+      var keys = ["summary", "body"];
+      for (var i = 0; i < sources.length; i++) {
+        for (var j = 0; j < keys.length; j++) {
+          var value = sources[i][keys[j]];
+          if (value === undefined || value === null) continue;
+          var text = collapse(typeof value === "string" ? value : compactJson(value));
+          if (text) return { text: text, source: sources[i], key: keys[j] };
+        }
+      }
+      return null;
+    }
+
+    function cardTone(tags, data) {
+      var tones = tags.map(toneOf);
+      if (tones.indexOf("error") >= 0) return "error";
+      if (tones.indexOf("warn") >= 0) return "warn";
+      var type = isObject(data) ? data.type : undefined;
+      if (tones.indexOf("ok") >= 0 || type === "result") return "ok";
+      if (type === "claim") return "accent";
+      return "";
+    }
+
+    function row(label, body) {
+      var node = el("div", "row");
+      node.appendChild(el("span", "row-label", label));
+      body.classList.add("row-body");
+      node.appendChild(body);
+      return node;
+    }
+
+    function messageCard(message) {
+      var data = message.data;
+      var meta = isObject(message.meta) ? message.meta : {};
+      var tags = Array.isArray(meta.tags) ? meta.tags.map(String) : [];
+      var tone = cardTone(tags, data);
+      var card = el("article", "card message" + (tone ? " tone-" + tone : ""));
+      card.dataset.seq = String(message.seq);
+
+      var head = el("div", "card-head");
+      head.appendChild(el("span", "seq", "#" + message.seq));
+      head.appendChild(document.createTextNode(" \u00B7 "));
+      var when = el("span", "when");
+      var ms = parseTime(message.time);
+      if (isNaN(ms)) when.textContent = message.time == null ? "-" : String(message.time);
+      else trackTime(when, ms, relativeTime);
+      if (message.time != null) when.title = String(message.time);
+      head.appendChild(when);
+      card.appendChild(head);
+
+      if (tags.length) {
+        var chips = el("div", "chips");
+        tags.forEach(function (tag) {
+          var chipTone = toneOf(tag);
+          chips.appendChild(el("span", "chip" + (chipTone ? " tone-" + chipTone : ""), tag));
+        });
+        card.appendChild(row("meta", chips));
+      }
+
+      var sources = [];
+      if (isObject(data)) {
+        var hasEnvelope = Object.prototype.hasOwnProperty.call(data, "data") &&
+          (Object.prototype.hasOwnProperty.call(data, "type") || Object.prototype.hasOwnProperty.call(data, "ts"));
+        if (hasEnvelope && isObject(data.data)) sources.push(data.data);
+        sources.push(data);
+      }
+      var dataBody = el("div");
+      var preview = findPreview(sources);
+      var facts = collectFacts(sources, preview);
+      if (facts.length) {
+        var factList = el("div", "facts");
+        facts.forEach(function (fact) {
+          var shown = factText(fact[0], fact[1]);
+          var item = el("span", "fact");
+          item.appendChild(el("span", "key", fact[0]));
+          item.appendChild(el("span", "value", shown.text));
+          if (shown.title) item.title = shown.title;
+          factList.appendChild(item);
+        });
+        dataBody.appendChild(factList);
+      }
+      if (preview) {
+        dataBody.appendChild(el("div", "preview", truncate(preview.text, 220)));
+      } else {
+        var fallback = truncate(compactJson(data), 220);
+        dataBody.appendChild(el("div", "preview fallback", fallback));
+      }
+      card.appendChild(row("data", dataBody));
+
+      var details = el("details", "json");
+      details.appendChild(el("summary", "", "json"));
+      details.addEventListener("toggle", function () {
+        if (details.open && !details.querySelector("pre")) {
+          details.appendChild(el("pre", "", JSON.stringify(message, null, 2)));
+        }
+      });
+      card.appendChild(details);
+      return card;
+    }
+
+    function failureCard(text) {
+      var last = stream.lastElementChild;
+      if (last && last.classList.contains("failure") && last._plasmiteText === text) {
+        last._plasmiteRepeats += 1;
+        last.querySelector(".failure-count").textContent = "\u00D7" + last._plasmiteRepeats;
+        return;
+      }
+      var wasNear = isNearBottom();
+      var card = el("article", "card failure");
+      card._plasmiteText = text;
+      card._plasmiteRepeats = 1;
+      card.appendChild(el("span", "failure-text", text));
+      card.appendChild(el("span", "failure-count", ""));
+      stream.appendChild(card);
+      updateCount();
+      if (wasNear) scrollToBottom();
+    }
+
+    function trimBuffer() {
+      while (state.count > bufferLimit && stream.firstElementChild) {
+        var first = stream.firstElementChild;
+        if (first.classList.contains("message")) state.count -= 1;
+        stream.removeChild(first);
+      }
+    }
+
+    function addMessages(messages) {
+      var wasNear = isNearBottom();
+      var fragment = document.createDocumentFragment();
+      messages.forEach(function (message) {
+        if (!isObject(message) || typeof message.seq !== "number") return;
+        if (message.seq <= state.lastSeq) return;  // at-least-once delivery: de-dupe by seq
+        state.lastSeq = message.seq;
+        state.since = message.seq + 1;
+        fragment.appendChild(messageCard(message));
+        state.count += 1;
+      });
+      stream.appendChild(fragment);
+      trimBuffer();
+      updateCount();
+      if (wasNear) scrollToBottom();
+      else updateLatestButton();
+    }
+
+    // -- the stream loop (SSE over fetch) --
+
+    function eventsUrl() {
+      return apiBase + "/events?" + (state.since != null ? "since_seq=" + state.since + "&" : "") +
+        "timeout_ms=" + STREAM_TIMEOUT_MS;
+    }
+
+    function readEvents(response, generation) {
+      var pending = "";
+      var eventName = "";
+      var dataLines = [];
+
+      function parseChunk(text) {
+        pending += text;
+        var batch = [];
+        var index;
+        while ((index = pending.indexOf("\n")) >= 0) {
+          var line = pending.slice(0, index);
+          pending = pending.slice(index + 1);
+          if (line.charAt(line.length - 1) === "\r") line = line.slice(0, -1);
+          if (line === "") {
+            if ((eventName || "message") === "message" && dataLines.length) {
+              try { batch.push(JSON.parse(dataLines.join("\n"))); } catch (err) { /* bad JSON is ignored */ }
+            }
+            eventName = "";
+            dataLines = [];
+            continue;
+          }
+          if (line.charAt(0) === ":") continue;
+          var colon = line.indexOf(":");
+          var field = colon < 0 ? line : line.slice(0, colon);
+          var value = colon < 0 ? "" : line.slice(colon + 1);
+          if (value.charAt(0) === " ") value = value.slice(1);
+          if (field === "event") eventName = value;
+          else if (field === "data") dataLines.push(value);
+        }
+        if (batch.length) addMessages(batch);
+      }
+
+      if (!response.body || !response.body.getReader) {
+        // No streaming body: the whole response arrives when the stream ends.
+        return response.text().then(function (text) {
+          if (generation === state.generation) parseChunk(text + "\n");
+        });
+      }
+      var reader = response.body.getReader();
+      var decoder = new TextDecoder();
+
+      function pump() {
+        return reader.read().then(function (chunk) {
+          if (generation !== state.generation) { reader.cancel().catch(function () {}); return; }
+          if (chunk.done) { parseChunk(decoder.decode()); return; }
+          parseChunk(decoder.decode(chunk.value, { stream: true }));
+          return pump();
+        });
+      }
+      return pump();
+    }
+
+    function openStream(generation) {
+      if (generation !== state.generation) return;
+      var controller = new AbortController();
+      state.controller = controller;
+      request(eventsUrl(), { signal: controller.signal }).then(function (response) {
+        if (generation !== state.generation) return null;
+        if (!response.ok) {
+          return readText(response).then(function (body) {
+            if (generation !== state.generation) return;
+            setStatus("error");
+            failureCard(failureText("stream", response.status, body));
+            retry(generation, false);
+          });
+        }
+        setStatus("live");
+        if (state.isInfoFailed) loadInfo(generation);  // the server is back: refresh the panel too
+        return readEvents(response, generation).then(function () {
+          if (generation !== state.generation) return;
+          setStatus("reconnecting");
+          retry(generation, true);
+        });
+      }).catch(function (err) {
+        if (generation !== state.generation) return;
+        setStatus("error");
+        failureCard(failureText("stream", "network", networkReason(err)));
+        retry(generation, false);
+      });
+    }
+
+    function retry(generation, ended) {
+      state.timer = setTimeout(function () {
+        if (generation !== state.generation) return;
+        // A stream that ended normally is a good moment to refresh the info panel.
+        if (ended) loadInfo(generation);
+        openStream(generation);
+      }, RECONNECT_MS);
+    }
+
+    function start() {
+      state.generation += 1;
+      var generation = state.generation;
+      if (state.controller) state.controller.abort();
+      if (state.timer) clearTimeout(state.timer);
+      state.since = null;
+      state.lastSeq = 0;
+      state.count = 0;
+      stream.textContent = "";
+      setStatus("reconnecting");
+      updateCount();
+      infoBody.textContent = "";
+      infoBody.appendChild(el("div", "empty", "loading\u2026"));
+      infoBrief.textContent = "loading\u2026";
+      loadInfo(generation).then(function (info) {
+        if (generation !== state.generation) return;
+        var bounds = info && isObject(info.bounds) ? info.bounds : {};
+        if (typeof bounds.newest === "number") {
+          var oldest = typeof bounds.oldest === "number" ? bounds.oldest : 1;
+          state.since = Math.max(oldest, bounds.newest - bufferLimit + 1);
+        }
+        openStream(generation);
+      });
+    }
+
+    // -- scrolling --
+
+    function isNearBottom() {
+      var scroller = document.scrollingElement || document.documentElement;
+      return scroller.scrollHeight - scroller.scrollTop - scroller.clientHeight <= NEAR_BOTTOM_PX;
+    }
+
+    function scrollToBottom() {
+      var scroller = document.scrollingElement || document.documentElement;
+      scroller.scrollTop = scroller.scrollHeight;
+      updateLatestButton();
+    }
+
+    function updateLatestButton() {
+      latestButton.hidden = state.count === 0 || isNearBottom();
+    }
+
+    window.addEventListener("scroll", updateLatestButton, { passive: true });
+    latestButton.addEventListener("click", scrollToBottom);
+    authForm.addEventListener("submit", function (event) {
+      event.preventDefault();
+      applyToken();
+      back.href = "/ui" + carriedQuery();
+      start();
+    });
+    start();
+  }
+
+  // -- routing -------------------------------------------------------------------
+
+  tokenInput.value = params.has("token") ? params.get("token") : readStoredToken();
+  setInterval(refreshTimes, TIME_REFRESH_MS);
+  var path = location.pathname;
+  try { path = decodeURIComponent(path); } catch (err) { /* keep the raw path */ }
+  var prefix = "/ui/pools/";
+  if (path.indexOf(prefix) === 0 && path.length > prefix.length) poolView(path.slice(prefix.length));
+  else catalogView();
+})();
+</script>
+</body>
+</html>
+"""
+
+
+# =============================================================================
 # 11. Python API
 # =============================================================================
 # The surface users import, shaped like the official plasmite binding: JSON
@@ -7603,6 +11093,30 @@ NOTES
   Without DATA or --file, JSON records are read from stdin (JSON lines,
   pretty JSON, RS-separated JSON seq, or server-sent event data: lines).
   Each appended message is printed as one JSON line."""),
+    "serve": ("Serve pools over HTTP (loopback default in v0)", """\
+EXAMPLES
+  plasmite serve
+  plasmite serve --bind 127.0.0.1:9800 --token devtoken
+  plasmite serve --access read-only --bind 0.0.0.0:9700 --allow-non-loopback
+  plasmite serve init && plasmite serve --bind 0.0.0.0:9700 --allow-non-loopback \\
+      --token-file serve-token.txt --tls-cert serve-cert.pem --tls-key serve-key.pem
+
+NOTES
+  Run flags go before `check`/`init`. Non-loopback binds need --allow-non-loopback;
+  non-loopback writes also need --token-file and TLS. Remote refs read a token from
+  PLASMITE_TOKEN or PLASMITE_TOKEN_FILE and trust PLASMITE_CA_FILE."""),
+    "serve init": ("Bootstrap secure serve token/TLS artifacts", """\
+EXAMPLES
+  plasmite serve init
+  plasmite serve init --output-dir ./secrets --bind 0.0.0.0:9700
+
+NOTES
+  Generate token + TLS artifacts and print copy/paste next commands for secure serve
+  startup. The token value is never printed; the token and key files are mode 0600."""),
+    "serve check": ("Validate serve config and print effective endpoints without starting", """\
+EXAMPLES
+  plasmite serve check
+  plasmite serve --bind 0.0.0.0:9700 --allow-non-loopback --access read-only check"""),
     "get": ("Fetch one message by sequence number", """\
 EXAMPLES
   plasmite get events 42"""),
@@ -7630,7 +11144,7 @@ EXAMPLES
   plasmite completion fish > ~/.config/fish/completions/plasmite.fish"""),
     "help": ("Print this message or the help of the given subcommand(s)", ""),
 }
-TOP_LEVEL_ORDER = ["pool", "poke", "get", "peek", "doctor", "version", "completion", "help"]
+TOP_LEVEL_ORDER = ["pool", "poke", "serve", "get", "peek", "doctor", "version", "completion", "help"]
 COMPLETION_SHELLS = ["bash", "elvish", "fish", "powershell", "zsh"]
 
 
@@ -7785,7 +11299,9 @@ def build_parser():
     info.add_argument("--json", action="store_true", help="Print JSON instead of text")
     delete = add(pool_commands, "delete", "pool delete", cmd_pool_delete)
     delete.add_argument("names", nargs="+", metavar="NAME", help="Pool names or paths")
-    add(pool_commands, "list", "pool list", cmd_pool_list)
+    pool_list = add(pool_commands, "list", "pool list", cmd_pool_list)
+    pool_list.add_argument("server", nargs="?", metavar="URL",
+                           help="List a server's pools: http(s)://host:port")
 
     poke = add(commands, "poke", "poke", cmd_poke)
     poke.add_argument("pool", metavar="POOL", help="Pool name, path or http(s)://host:port/pool")
@@ -7807,6 +11323,7 @@ def build_parser():
     poke.add_argument("-e", "--errors", default="stop", choices=["stop", "skip"], metavar="ERRORS",
                       help="On a bad stdin record: stop or skip [default: stop]")
 
+    add_serve_parser(commands, CommandParser)
     get = add(commands, "get", "get", cmd_get)
     get.add_argument("pool", metavar="POOL", help="Pool name or path")
     get.add_argument("seq", type=int, metavar="SEQ", help="Sequence number")
@@ -7920,14 +11437,11 @@ def pool_directory(args) -> str:
     return os.path.join(home, ".plasmite", "pools") if home else os.path.join(".plasmite", "pools")
 
 
-def check_local_reference(reference: str) -> None:
-    """Reject remote refs where only local pools work yet (remote support: issue 5)."""
-    if reference.startswith(("http://", "https://")):
-        raise PlasmiteError("Usage", "remote pool refs are not supported by this build yet",
-                            hint="Use a local pool name or path.")
+def check_local_reference(reference: str, command: str) -> None:
+    """Reject a URL where a command works on local pool files only (pool create, doctor)."""
     if "://" in reference:
-        raise PlasmiteError("Usage", "remote pool ref must use http or https scheme",
-                            hint="Use shorthand: http(s)://host:port/<pool>.")
+        raise PlasmiteError("Usage", "%s accepts local pool names or paths only" % command,
+                            hint="Run it on the server's machine, or pass a pool name or path.")
 
 
 def missing_pool_hint(reference: str) -> str:
@@ -7939,13 +11453,343 @@ def missing_pool_hint(reference: str) -> str:
 
 def open_pool_for_command(args, reference: str) -> LocalPool:
     """Open a local pool named on the command line; NotFound carries the CLI's hint."""
-    check_local_reference(reference)
     try:
         return LocalPool.open(resolve_pool_path(pool_directory(args), reference))
     except PlasmiteError as err:
         if err.kind == "NotFound":
             err.hint = missing_pool_hint(reference)
         raise
+
+
+# -- serve and remote refs ----------------------------------------------------
+# The serve command and the remote-ref halves of poke, peek, get, pool info and
+# pool list.  They use section 12's pool_directory, missing_pool_hint and
+# ParserFailure, so they live there, not in sections 9-10.
+
+_SERVE_NUMBER_FLAGS = (("max_body_bytes", "--max-body-bytes <MAX_BODY_BYTES>"),
+                       ("max_tail_timeout_ms", "--max-tail-timeout-ms <MAX_TAIL_TIMEOUT_MS>"),
+                       ("max_tail_concurrency", "--max-tail-concurrency <MAX_TAIL_CONCURRENCY>"))
+
+
+def add_serve_parser(subparsers, CommandParser):
+    """Add ``serve`` (run flags), ``serve check`` and ``serve init`` to the top-level subparsers.
+
+    ``subparsers`` is build_parser's ``commands``; ``CommandParser`` its parser
+    class.  Run flags belong to ``serve`` and must come before check/init;
+    init's flags use their own ``init_*`` destinations.
+    """
+    serve = subparsers.add_parser("serve", help=COMMAND_TEXTS["serve"][0],
+                                  command_path="serve")
+    serve.set_defaults(handler=cmd_serve)
+    serve.add_argument("--bind", default=DEFAULT_BIND, metavar="BIND",
+                       help="Literal IP:PORT to listen on [default: 127.0.0.1:9700]")
+    serve.add_argument("--token", metavar="TOKEN", help="Require this bearer token (dev use)")
+    serve.add_argument("--token-file", metavar="TOKEN_FILE",
+                       help="Require the bearer token stored in this file")
+    serve.add_argument("--allow-non-loopback", action="store_true",
+                       help="Permit binding a non-loopback address")
+    serve.add_argument("--insecure-no-tls", action="store_true",
+                       help="Permit non-loopback writes without TLS")
+    serve.add_argument("--tls-cert", metavar="TLS_CERT", help="PEM certificate for HTTPS")
+    serve.add_argument("--tls-key", metavar="TLS_KEY", help="PEM private key for HTTPS")
+    serve.add_argument("--tls-self-signed", action="store_true",
+                       help="Serve HTTPS with a certificate generated at start")
+    serve.add_argument("--access", choices=ACCESS_MODES, default="read-write", metavar="ACCESS",
+                       help="read-only, write-only or read-write [default: read-write]")
+    serve.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
+                       metavar="MAX_BODY_BYTES", help="Request body limit [default: 1048576]")
+    serve.add_argument("--max-tail-timeout-ms", type=int, default=DEFAULT_MAX_TAIL_TIMEOUT_MS,
+                       metavar="MAX_TAIL_TIMEOUT_MS",
+                       help="Longest (and default) stream timeout_ms [default: 30000]")
+    serve.add_argument("--max-tail-concurrency", type=int, default=DEFAULT_MAX_TAIL_CONCURRENCY,
+                       metavar="MAX_TAIL_CONCURRENCY",
+                       help="Simultaneous streams [default: 64]")
+    actions = serve.add_subparsers(dest="serve_command", metavar="COMMAND",
+                                   parser_class=CommandParser)
+    actions.add_parser("check", help=COMMAND_TEXTS["serve check"][0],
+                       command_path="serve check")
+    init = actions.add_parser("init", help=COMMAND_TEXTS["serve init"][0],
+                              command_path="serve init")
+    init.add_argument("--bind", dest="init_bind", default=DEFAULT_INIT_BIND, metavar="BIND",
+                      help="Address for the printed commands and the certificate "
+                           "[default: 0.0.0.0:9700]")
+    init.add_argument("--output-dir", default=".", metavar="OUTPUT_DIR",
+                      help="Directory for relative artifact paths [default: .]")
+    init.add_argument("--token-file", dest="init_token_file", default=SERVE_INIT_ARTIFACTS[0],
+                      metavar="TOKEN_FILE", help="Token file [default: serve-token.txt]")
+    init.add_argument("--tls-cert", dest="init_tls_cert", default=SERVE_INIT_ARTIFACTS[1],
+                      metavar="TLS_CERT", help="Certificate file [default: serve-cert.pem]")
+    init.add_argument("--tls-key", dest="init_tls_key", default=SERVE_INIT_ARTIFACTS[2],
+                      metavar="TLS_KEY", help="Key file [default: serve-key.pem]")
+    init.add_argument("--force", action="store_true", help="Overwrite existing artifacts")
+    return serve
+
+
+def cmd_serve(args) -> int:
+    """Run ``serve``, ``serve check`` or ``serve init``."""
+    if args.serve_command == "init":
+        document = serve_init(args.init_bind, args.output_dir, args.init_token_file,
+                              args.init_tls_cert, args.init_tls_key, args.force)
+        if args.output.is_stdout_terminal:
+            sys.stdout.write(render_serve_init(document))
+        else:
+            args.output.document(document)
+        return 0
+    for name, display in _SERVE_NUMBER_FLAGS:
+        value = getattr(args, name)
+        if value < 0:
+            raise ParserFailure("unexpected argument '%d' found" % value, "serve")
+        if value >= 1 << 64:
+            raise ParserFailure("invalid value '%d' for '%s': number too large to fit in target "
+                                "type" % (value, display), "")
+    config = ServeConfig(pool_directory(args), args.bind, args.token, args.token_file,
+                         args.allow_non_loopback, args.insecure_no_tls, args.tls_cert,
+                         args.tls_key, args.tls_self_signed, args.access, args.max_body_bytes,
+                         args.max_tail_timeout_ms, args.max_tail_concurrency)
+    if args.serve_command == "check":
+        if args.output.is_stdout_terminal:
+            sys.stdout.write(render_serve_check(config))
+        else:
+            args.output.document(serve_check_document(config))
+        return 0
+    return run_server(config)
+
+
+# -- remote refs --------------------------------------------------------------
+
+def check_poke_options(args) -> tuple:
+    """Check poke's flags in upstream's order; return (should_flush, delay, is_single).
+
+    ``delay`` is the --retry-delay in seconds; ``is_single`` tells DATA /
+    --file / terminal stdin (one value) from a stdin stream.
+    """
+    if args.create_size is not None and not args.create:
+        raise PlasmiteError("Usage", "--create-size requires --create",
+                            hint="Add --create or remove --create-size.")
+    if args.retry_delay is not None and args.retry <= 0:
+        raise PlasmiteError("Usage", "--retry-delay requires --retry",
+                            hint="Add --retry or remove --retry-delay.")
+    if args.retry < 0:  # clap takes "-1" for an unknown flag (spec/cli.md 1)
+        raise ParserFailure("unexpected argument '%d' found" % args.retry, "poke")
+    durability = args.durability.strip()
+    if durability not in ("fast", "flush"):
+        raise PlasmiteError("Usage", "invalid durability", hint="Use fast or flush.")
+    delay = parse_duration(args.retry_delay) if args.retry_delay is not None else 0.05
+    if args.data is not None and args.file is not None:
+        raise ParserFailure("the argument '[DATA]' cannot be used with '--file <FILE>'", "poke")
+    is_single = args.data is not None or args.file is not None or is_terminal(sys.stdin)
+    if not is_single:
+        check_stream_options(args.input_format, args.errors)
+    return durability == "flush", delay, is_single
+
+
+def read_single_value(args) -> dict:
+    """Read poke's one value from DATA, --file (``-`` = stdin) or nothing; it must be an object."""
+    if args.data is not None:
+        text = args.data
+    elif args.file is not None and args.file != "-":
+        try:
+            with open(args.file, "rb") as data_file:
+                text = data_file.read()
+        except OSError as err:
+            raise PlasmiteError("Io", "failed to read data file", path=args.file,
+                                causes=[describe_os_error(err)]) from err
+    elif args.file == "-":
+        try:
+            text = sys.stdin.buffer.read()
+        except OSError as err:
+            raise PlasmiteError("Io", "failed to read stdin",
+                                causes=[describe_os_error(err)]) from err
+    else:
+        raise PlasmiteError("Usage", "missing data input", hint=MISSING_DATA_HINT)
+    try:
+        data = parse_json_value(text)
+    except PlasmiteError as err:
+        raise PlasmiteError("Usage", "invalid json",
+                            hint="Provide a single JSON value (e.g. '{\"x\":1}').",
+                            causes=[err.message.split(": ", 1)[-1]]) from err
+    if not isinstance(data, dict):
+        raise PlasmiteError("Usage", "data must be object")
+    return data
+
+
+def _append_remote(pool: RemotePool, args, data, durability: str, delay: float) -> dict:
+    """Append one message, retrying Busy (423) up to --retry times; never transport errors."""
+    attempts = 0
+    started = time.monotonic()
+    while True:
+        attempts += 1
+        try:
+            return pool.append(data, args.tag, durability)
+        except PlasmiteError as err:
+            if attempts > args.retry or err.kind != "Busy":
+                if attempts > 1:
+                    note = "Retry attempts: %d (waited %dms)." % (
+                        attempts, (time.monotonic() - started) * 1000)
+                    err.hint = (err.hint + " " + note) if err.hint else note
+                raise
+            time.sleep(delay)
+
+
+def remote_poke(args, base_url: str, pool_name: str) -> int:
+    """``poke http(s)://host:port/POOL``: open, then POST each value to the server (remote.md 9.2).
+
+    Prints the server's message (document emitter for one value, compact
+    lines for a stdin stream).  Stream failures follow local poke's
+    --errors rules; notices name ``<base_url>/<pool>`` (upstream's double slash).
+    """
+    if args.create:
+        raise PlasmiteError("Usage", "remote poke does not support --create",
+                            hint="Create remote pools with server-side tooling, not poke.")
+    should_flush, delay, is_single = check_poke_options(args)
+    durability = "flush" if should_flush else "fast"
+    with RemoteClient(base_url) as client:
+        try:
+            pool = client.open_pool(pool_name)
+        except PlasmiteError as err:
+            if err.kind == "NotFound":
+                err.hint = missing_pool_hint(args.pool)
+            raise
+        if is_single:
+            data = read_single_value(args)
+            args.output.document(_append_remote(pool, args, data, durability, delay))
+            return 0
+        pool_path = base_url + "/" + _quote_segment(pool_name)
+        total = appended = skipped = 0
+        for item in read_records(sys.stdin.buffer, args.input_format, args.errors):
+            total += 1
+            if isinstance(item, IngestFailure):
+                if args.errors == "stop":
+                    raise item.to_error()
+                skipped += 1
+                args.output.notice("poke", SKIP_NOTICE_KIND, item.message, args.pool,
+                                   skip_notice_details(item, pool_path))
+                continue
+            try:
+                if not isinstance(item.data, dict):
+                    raise PlasmiteError("Usage", "data must be object")
+                message = _append_remote(pool, args, item.data, durability, delay)
+            except PlasmiteError as err:
+                if args.errors == "stop":
+                    raise PlasmiteError("Usage", err.message, hint=item.hint or err.hint,
+                                        path=err.path) from err
+                raise
+            appended += 1
+            args.output.stream_item(message, pretty=False)
+            args.output.flush()
+    if total == 0:
+        raise PlasmiteError("Usage", "missing data input", hint=MISSING_DATA_HINT)
+    if skipped:
+        args.output.notice("poke", SUMMARY_NOTICE_KIND, SUMMARY_NOTICE_MESSAGE, args.pool,
+                           summary_notice_details(total, appended, skipped, pool_path))
+        return 1
+    return 0
+
+
+def remote_peek(args, base_url: str, pool_name: str, matches) -> int:
+    """``peek http(s)://host:port/POOL``: follow the server's tail stream (remote.md 9.3).
+
+    Call after cmd_peek's format/--since/--timeout/--where checks; ``matches``
+    is the compiled --where predicate (or None).  Rejects --replay, --since,
+    --no-notify, --quiet-drops.  Starts at newest+1 like a local peek, or at
+    the last N seqs with --tail N; filters (--tag, --where) run here; each
+    request cycle that prints nothing within --timeout exits 124.  Never
+    prints drop notices.
+    """
+    import collections
+
+    for flag, is_set, hint in (
+            ("--replay", args.replay is not None,
+             "Use local peek with --replay, or omit --replay for remote streams."),
+            ("--since", args.since is not None,
+             "Use --tail N for remote refs, or run --since against a local pool path."),
+            ("--no-notify", args.no_notify, "--no-notify only applies to local pool semaphores."),
+            ("--quiet-drops", args.quiet_drops,
+             "--quiet-drops only applies to local drop notices.")):
+        if is_set:
+            raise PlasmiteError("Usage", "remote peek does not support %s" % flag, hint=hint)
+    if args.tail < 0:
+        raise ParserFailure("unexpected argument '%d' found" % args.tail, "peek")
+    is_pretty = not args.jsonl and args.format != "jsonl"
+    timeout_ms = round(parse_duration(args.timeout) * 1000) if args.timeout is not None else None
+    output = args.output
+
+    def is_wanted(message) -> bool:
+        tags = message.get("meta", {}).get("tags", [])
+        if not all(tag in tags for tag in args.tag):
+            return False
+        return matches(message) if matches else True
+
+    def emit(message) -> None:
+        output.stream_item(message.get("data") if args.data_only else message, is_pretty)
+        output.flush()
+
+    with RemoteClient(base_url) as client:
+        pool = client.open_pool(pool_name)
+        if args.tail > 0:
+            bounds = pool.info().get("bounds") or {}
+            since_seq = (max(bounds["newest"] - (args.tail - 1), bounds["oldest"])
+                         if "newest" in bounds else None)
+        else:
+            bounds = pool.opened_info.get("bounds") or {}
+            since_seq = bounds["newest"] + 1 if "newest" in bounds else None
+        kept = collections.deque(maxlen=args.tail) if args.tail > 0 and args.one else None
+        while True:
+            has_output = False
+            for message in pool.tail(since_seq=since_seq, timeout_ms=timeout_ms):
+                if isinstance(message.get("seq"), int):
+                    since_seq = message["seq"] + 1
+                if not is_wanted(message):
+                    continue
+                has_output = True
+                if kept is not None:  # --tail N --one: the Nth match counting history
+                    kept.append(message)
+                    if len(kept) == args.tail:
+                        emit(message)
+                        return 0
+                    continue
+                emit(message)
+                if args.one:
+                    return 0
+            if timeout_ms is not None and not has_output:
+                return EXIT_TIMEOUT
+
+
+def remote_get(args, base_url: str, pool_name: str) -> int:
+    """``get http(s)://host:port/POOL SEQ``: print the server's message (document emitter)."""
+    with RemoteClient(base_url) as client:
+        try:
+            message = RemotePool(client, pool_name).get(args.seq)
+        except PlasmiteError as err:
+            if err.kind == "NotFound" and err.message == "message not found":
+                err.hint = ("Check available messages: plasmite pool info %s (or plasmite peek %s "
+                            "--tail 10)." % (args.pool, args.pool))
+                err.path = None
+            elif err.kind == "NotFound":
+                err.hint = missing_pool_hint(args.pool)
+                err.seq = None
+            raise
+    args.output.document(message)
+    return 0
+
+
+def remote_pool_info_fields(base_url: str, pool_name: str, reference: str) -> dict:
+    """``pool info http(s)://host:port/POOL``: the server's pool info, named by the ref as typed."""
+    with RemoteClient(base_url) as client:
+        try:
+            fields = RemotePool(client, pool_name).info()
+        except PlasmiteError as err:
+            if err.kind == "NotFound":
+                err.hint = missing_pool_hint(reference)
+            raise
+    fields["name"] = reference
+    return fields
+
+
+def remote_pool_list(args, base_url: str) -> int:
+    """``pool list http(s)://host:port``: print the server's ``{"pools": [...]}`` sorted by name."""
+    args.output.document({"pools": list_remote_pools(base_url)})
+    return 0
 
 
 def pool_info_fields(pool: LocalPool, reference: str) -> dict:
@@ -7967,7 +11811,7 @@ def cmd_pool_create(args) -> int:
         raise PlasmiteError("Io", None, path=directory, causes=[describe_os_error(err)]) from err
     created = []
     for reference in args.names:
-        check_local_reference(reference)
+        check_local_reference(reference, "pool create")
         path = resolve_pool_path(directory, reference)
         if os.path.exists(path):
             raise PlasmiteError("AlreadyExists", "pool already exists", path=path,
@@ -8001,8 +11845,12 @@ def format_age(age_ms) -> str:
 
 def cmd_pool_info(args) -> int:
     """Print pool metadata: JSON with --json, else upstream's text form."""
-    with open_pool_for_command(args, args.name) as pool:
-        fields = pool_info_fields(pool, args.name)
+    remote = parse_remote_ref(args.name)
+    if remote is not None:
+        fields = remote_pool_info_fields(remote[0], remote[1], args.name)
+    else:
+        with open_pool_for_command(args, args.name) as pool:
+            fields = pool_info_fields(pool, args.name)
     if args.json:
         args.output.document(fields)
         return 0
@@ -8032,6 +11880,8 @@ def cmd_pool_info(args) -> int:
 
 def cmd_pool_list(args) -> int:
     """Print ``{"pools": [...]}`` sorted by name; unreadable pools are listed with their error."""
+    if args.server is not None:
+        return remote_pool_list(args, parse_server_url(args.server))
     directory = pool_directory(args)
     try:
         pools = list_pools(directory)
@@ -8099,25 +11949,10 @@ def receipt(tags: list, data, seq: int, timestamp_ns: int) -> dict:
 
 def cmd_poke(args) -> int:
     """Append one message (DATA, --file) or a stream of records from stdin."""
-    check_local_reference(args.pool)
-    if args.create_size is not None and not args.create:
-        raise PlasmiteError("Usage", "--create-size requires --create",
-                            hint="Add --create or remove --create-size.")
-    if args.retry_delay is not None and args.retry <= 0:
-        raise PlasmiteError("Usage", "--retry-delay requires --retry",
-                            hint="Add --retry or remove --retry-delay.")
-    if args.retry < 0:
-        raise PlasmiteError("Usage", "--retry must not be negative",
-                            hint="Try `plasmite poke --help`.")
-    durability = args.durability.strip()
-    if durability not in ("fast", "flush"):
-        raise PlasmiteError("Usage", "invalid durability", hint="Use fast or flush.")
-    delay = parse_duration(args.retry_delay) if args.retry_delay is not None else 0.05
-    if args.data is not None and args.file is not None:
-        raise ParserFailure("the argument '[DATA]' cannot be used with '--file <FILE>'", "poke")
-    is_single = args.data is not None or args.file is not None or is_terminal(sys.stdin)
-    if not is_single:
-        check_stream_options(args.input_format, args.errors)
+    remote = parse_remote_ref(args.pool)
+    if remote is not None:
+        return remote_poke(args, *remote)
+    should_flush, delay, is_single = check_poke_options(args)
     directory = pool_directory(args)
     path = resolve_pool_path(directory, args.pool)
     try:
@@ -8139,7 +11974,6 @@ def cmd_poke(args) -> int:
             if create_err.kind != "AlreadyExists":  # another poke created it first
                 raise
             pool = LocalPool.open(path)
-    should_flush = durability == "flush"
     with pool:
         if is_single:
             return poke_single_value(args, pool, should_flush, delay)
@@ -8147,31 +11981,7 @@ def cmd_poke(args) -> int:
 
 
 def poke_single_value(args, pool: LocalPool, should_flush: bool, delay: float) -> int:
-    if args.data is not None:
-        text = args.data
-    elif args.file is not None and args.file != "-":
-        try:
-            with open(args.file, "rb") as handle:
-                text = handle.read()
-        except OSError as err:
-            raise PlasmiteError("Io", "failed to read data file", path=args.file,
-                                causes=[describe_os_error(err)]) from err
-    elif args.file == "-":
-        try:
-            text = sys.stdin.buffer.read()
-        except OSError as err:
-            raise PlasmiteError("Io", "failed to read stdin", causes=[describe_os_error(err)]) from err
-    else:
-        raise PlasmiteError("Usage", "missing data input", hint=MISSING_DATA_HINT)
-    try:
-        data = parse_json_value(text)
-    except PlasmiteError as err:
-        detail = err.message.split(": ", 1)[-1]
-        raise PlasmiteError("Usage", "invalid json",
-                            hint="Provide a single JSON value (e.g. '{\"x\":1}').",
-                            causes=[detail]) from err
-    if not isinstance(data, dict):
-        raise PlasmiteError("Usage", "data must be object")
+    data = read_single_value(args)
     seq, timestamp_ns = append_with_retry(pool, args.tag, data, should_flush, args.retry, delay)
     args.output.document(receipt(args.tag, data, seq, timestamp_ns))
     return 0
@@ -8224,6 +12034,9 @@ def cmd_get(args) -> int:
     if args.seq < 0:
         raise ParserFailure("invalid value '%d' for '<SEQ>': invalid digit found in string"
                             % args.seq, "")
+    remote = parse_remote_ref(args.pool)
+    if remote is not None:
+        return remote_get(args, *remote)
     with open_pool_for_command(args, args.pool) as pool:
         try:
             message = message_fields(pool.get(args.seq))
@@ -8410,7 +12223,9 @@ def cmd_peek(args) -> int:
     since_ns = parse_since(args.since, now_ns) if args.since is not None else None
     timeout = parse_duration(args.timeout) if args.timeout is not None else None
     matches = compile_filters(args.where) if args.where else None
-    check_local_reference(args.pool)
+    remote = parse_remote_ref(args.pool)
+    if remote is not None:
+        return remote_peek(args, remote[0], remote[1], matches)
     if args.tail < 0:
         raise ParserFailure("unexpected argument '%d' found" % args.tail, "peek")
     if args.replay is not None:
@@ -8453,7 +12268,7 @@ def cmd_doctor(args) -> int:
         targets = [(path, path) for path in (os.path.join(directory, name) for name in names
                                              if name.endswith(POOL_SUFFIX))]
     else:
-        check_local_reference(args.pool)
+        check_local_reference(args.pool, "doctor")
         targets = [(resolve_pool_path(directory, args.pool), args.pool)]
     reports = []
     for path, reference in targets:
@@ -8623,7 +12438,9 @@ def main(argv=None) -> int:
         args, extras = parser.parse_known_args(arguments)
         if extras:
             command_path = " ".join(word for word in (getattr(args, "command", None),
-                                                      getattr(args, "pool_command", None)) if word)
+                                                      getattr(args, "pool_command", None),
+                                                      getattr(args, "serve_command", None))
+                                    if word)
             raise ParserFailure("unexpected argument '%s' found" % extras[0], command_path)
         output = args.output = Output(args.color)
         if args.version:
