@@ -19,7 +19,39 @@ import tempfile
 import zipfile
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-MAIN_SOURCE = "import plasmite\nraise SystemExit(plasmite.main())\n"
+# zipimport finds only plasmite.pyc, made by the building Python.  For the
+# other Pythons the archive carries bytecode/plasmite.<cache tag>.pyc, and
+# __main__ loads the one matching the running interpreter (falling back to
+# plasmite.pyc or the source through a plain import), so every supported
+# version starts without compiling 10,000 lines.
+MAIN_SOURCE = """\
+import sys
+
+
+def load_plasmite():
+    import marshal
+    from importlib.util import MAGIC_NUMBER
+
+    try:
+        data = __loader__.get_data("bytecode/plasmite.%s.pyc" % sys.implementation.cache_tag)
+    except (OSError, AttributeError):
+        return
+    if data[:4] == MAGIC_NUMBER:
+        module = type(sys)("plasmite")
+        module.__file__ = __file__.rpartition("/")[0] + "/plasmite.py"
+        sys.modules["plasmite"] = module
+        exec(marshal.loads(data[16:]), module.__dict__)
+
+
+load_plasmite()
+import plasmite  # noqa: E402
+raise SystemExit(plasmite.main())
+"""
+COMPILE_SCRIPT = (
+    "import py_compile, sys; py_compile.compile(sys.argv[1], cfile=sys.argv[2], "
+    "dfile='plasmite.py', doraise=True, "
+    "invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH); "
+    "print(sys.implementation.cache_tag)")
 
 
 def compile_module(source_path: str) -> bytes:
@@ -30,6 +62,39 @@ def compile_module(source_path: str) -> bytes:
                            invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
         with open(target, "rb") as handle:
             return handle.read()
+
+
+def other_pythons() -> list:
+    """Interpreters 3.8-3.13 found through pyenv, other than the one running."""
+    import glob
+    import subprocess
+
+    try:
+        root = subprocess.run(["pyenv", "root"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        root = os.path.expanduser("~/.pyenv")
+    found = []
+    for minor in range(8, 14):
+        candidates = sorted(glob.glob(os.path.join(root or os.path.expanduser("~/.pyenv"),
+                                                   "versions", "3.%d*" % minor, "bin",
+                                                   "python3.%d" % minor)))
+        if candidates and os.path.realpath(candidates[-1]) != os.path.realpath(sys.executable):
+            found.append(candidates[-1])
+    return found
+
+
+def compile_with(python: str, source_path: str):
+    """Compile with another interpreter; return (cache tag, bytecode) or None if it fails."""
+    import subprocess
+
+    with tempfile.TemporaryDirectory() as scratch:
+        target = os.path.join(scratch, "plasmite.pyc")
+        result = subprocess.run([python, "-c", COMPILE_SCRIPT, source_path, target],
+                                capture_output=True, text=True)
+        if result.returncode != 0:
+            return None
+        with open(target, "rb") as handle:
+            return result.stdout.strip(), handle.read()
 
 
 def build(output: str) -> str:
@@ -46,6 +111,10 @@ def build(output: str) -> str:
             archive.writestr("__main__.py", MAIN_SOURCE)
             archive.writestr("plasmite.py", source)
             archive.writestr("plasmite.pyc", bytecode)
+            for python in other_pythons():
+                compiled = compile_with(python, source_path)
+                if compiled is not None:
+                    archive.writestr("bytecode/plasmite.%s.pyc" % compiled[0], compiled[1])
     mode = os.stat(partial).st_mode
     os.chmod(partial, mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
     os.replace(partial, output)

@@ -32,8 +32,16 @@ def test_archive_layout(pyz):
         assert handle.readline() == b"#!/usr/bin/env python3\n"
     assert os.access(pyz, os.X_OK)
     with zipfile.ZipFile(pyz) as archive:
-        assert sorted(archive.namelist()) == ["__main__.py", "plasmite.py", "plasmite.pyc"]
-        assert archive.read("__main__.py") == b"import plasmite\nraise SystemExit(plasmite.main())\n"
+        names = archive.namelist()
+        assert names[:3] == ["__main__.py", "plasmite.py", "plasmite.pyc"]
+        # Bytecode for every other Python found at build time (3.8 and 3.13 at least).
+        own_tag = sys.implementation.cache_tag
+        tags = {"cpython-%d%d" % tuple(int(part) for part in os.path.basename(python)[6:].split("."))
+                for python in other_pythons()} - {own_tag}
+        assert {"bytecode/plasmite.%s.pyc" % tag for tag in tags} <= set(names[3:])
+        assert all(name.startswith("bytecode/plasmite.cpython-") for name in names[3:])
+        assert "bytecode/plasmite.%s.pyc" % own_tag not in names
+        assert archive.read("__main__.py").endswith(b"raise SystemExit(plasmite.main())\n")
 
 
 def test_version_commands(pyz):
@@ -69,8 +77,9 @@ def test_bytecode_is_used_and_startup_stays_lean(pyz):
                 if name == "plasmite.py":
                     content = b"raise SystemExit('the source was compiled instead')\n"
                 archive.writestr(name, content)
-    result = subprocess.run([sys.executable, poisoned, "version"], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
+    for python in [sys.executable] + other_pythons():
+        result = subprocess.run([python, poisoned, "version"], capture_output=True, text=True)
+        assert result.returncode == 0, (python, result.stderr)
 
 
 def other_pythons():
