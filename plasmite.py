@@ -1681,11 +1681,6 @@ def store_field(mapping, offset: int, value: int) -> None:
     mapping[offset:offset + 8] = RING_FIELD.pack(value)
 
 
-def align8(number: int) -> int:
-    """Round up to a multiple of 8 (frames start 8-aligned)."""
-    return (number + 7) & ~7
-
-
 def frame_length(payload_length: int) -> int:
     """Return the ring bytes one frame takes: header, payload, marker, padding."""
     return (payload_length + FRAME_OVERHEAD + 7) & ~7
