@@ -432,6 +432,11 @@ def test_completion_scripts(pls, shell):
     if shell == "bash":
         assert "_plasmite()" in script
         assert subprocess.run(["bash", "-n"], input=result.stdout).returncode == 0
+        probe = ('source /dev/stdin; COMP_WORDS=(plasmite pool cr); COMP_CWORD=2; _plasmite; '
+                 'echo "${COMPREPLY[@]}"; COMP_WORDS=(plasmite peek demo --ta); COMP_CWORD=3; '
+                 '_plasmite; echo "${COMPREPLY[@]}"')
+        words = subprocess.run(["bash", "-c", probe], input=result.stdout, capture_output=True)
+        assert words.stdout.decode().splitlines() == ["create", "--tail --tag"]
     elif shell == "zsh":
         assert script.startswith("#compdef plasmite")
         if shutil.which("zsh"):
@@ -440,6 +445,9 @@ def test_completion_scripts(pls, shell):
         assert "complete -c plasmite" in script
         if shutil.which("fish"):
             assert subprocess.run(["fish", "--no-execute"], input=result.stdout).returncode == 0
+            words = subprocess.run(["fish", "-c", "source; complete -C 'plasmite po'"],
+                                   input=result.stdout, capture_output=True)
+            assert sorted(words.stdout.decode().split()) == ["poke", "pool"]
 
 
 def test_terminal_output_is_pretty_and_errors_are_text(pls):
