@@ -127,6 +127,23 @@ def flush_mapped_range(mapping: mmap.mmap, offset: int, length: int) -> None:
     mapping.flush(start, length + (offset - start))
 
 
+def reserve_file_space(fd: int, size: int) -> None:
+    """Allocate a file's blocks now, so a full disk shows up here and not later.
+
+    A pool is written through a shared mapping; a page of a sparse file that
+    the filesystem cannot back when it is first written kills the process
+    with SIGBUS.  Reserving every block at create time turns that into an
+    OSError (ENOSPC, EFBIG, EDQUOT) the caller reports.  The file's bytes
+    stay zero, so pools remain byte-identical to upstream's.
+    """
+    if hasattr(os, "posix_fallocate"):
+        os.posix_fallocate(fd, 0, size)
+        return
+    zeros = bytes(1 << 20)  # macOS has no posix_fallocate: write the zeros
+    for offset in range(0, size, len(zeros)):
+        os.pwrite(fd, zeros[:min(len(zeros), size - offset)], offset)
+
+
 def is_terminal(stream) -> bool:
     """Return True when a file object is attached to a terminal."""
     try:
@@ -1857,7 +1874,9 @@ class LocalPool:
         """Create a new empty pool file and return it opened.
 
         ``index_capacity`` None picks upstream's automatic size; 0 disables the
-        index.  Parent directories are created.  An existing file is never
+        index.  Parent directories are created and the file's blocks are
+        reserved, so a full disk is reported now (Io) instead of killing a
+        later append with SIGBUS.  An existing file is never
         touched: AlreadyExists.  The layout is checked before anything is
         written, so a bad size leaves no stub file (upstream leaves one).
         Raises PlasmiteError Usage, AlreadyExists, Permission or Io.
@@ -1896,12 +1915,17 @@ class LocalPool:
             # Same steps as upstream: size the (sparse, zero) file, write the
             # header with a plain write, zero the index through the mapping.
             os.ftruncate(fd, file_size)
+            reserve_file_space(fd, file_size)
             os.pwrite(fd, encode_pool_header(layout), 0)
             mapping = map_pool_file(fd, file_size, writable=True)
             mapping[INDEX_OFFSET:ring_offset] = bytes(ring_offset - INDEX_OFFSET)
         except OSError as err:
             os.close(fd)
             _remove_quietly(path)
+            if err.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+                raise PlasmiteError("Io", "not enough disk space for the pool", path=path,
+                                    hint="Free some space or create a smaller pool (--size).",
+                                    causes=[describe_os_error(err)]) from err
             raise PlasmiteError("Io", "failed to size pool file", path=path,
                                 causes=[describe_os_error(err)]) from err
         return cls(path, fd, mapping, layout, True)

@@ -235,3 +235,41 @@ def test_bad_files_give_errors_with_hints(tmp_path):
         assert (caught.value.kind, caught.value.message) == (kind, message)
         assert caught.value.hint and caught.value.path == str(path)
         assert (path.read_bytes() if path.exists() else None) == before
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """A 2 MiB tmpfs (needs root and mount permission; skipped otherwise)."""
+    import subprocess
+    mount_point = tmp_path / "small"
+    mount_point.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount_point)],
+                            capture_output=True)
+    if result.returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here: %s" % result.stderr.decode().strip())
+    yield mount_point
+    subprocess.run(["umount", "-l", str(mount_point)], capture_output=True)
+
+
+def test_full_disk_is_reported_at_create_and_appends_cannot_hit_it(small_filesystem):
+    too_big = small_filesystem / "big.plasmite"
+    with pytest.raises(PlasmiteError) as caught:
+        plasmite.LocalPool.create(too_big, 4 * 1024 * 1024)
+    assert caught.value.kind == "Io" and caught.value.message == "not enough disk space for the pool"
+    assert caught.value.hint and not too_big.exists()
+    path = small_filesystem / "p.plasmite"
+    with plasmite.LocalPool.create(path, 1024 * 1024) as pool:
+        # Fill the rest of the filesystem; the pool's blocks are already reserved,
+        # so appends through the mapping still succeed (a sparse pool would SIGBUS).
+        with open(small_filesystem / "filler", "wb") as filler:
+            try:
+                while True:
+                    filler.write(bytes(64 * 1024))
+                    filler.flush()
+            except OSError:
+                pass
+        payload = plasmite.encode_message(["fill"], {"pad": "x" * 900})
+        for _ in range(3000):  # about 3 MB: wraps the 1 MiB ring several times
+            pool.append(payload)
+        oldest, newest = pool.bounds()
+        assert newest == 3000 and plasmite.validate_pool(pool)[0] == []
