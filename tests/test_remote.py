@@ -12,11 +12,12 @@ import time
 
 import pytest
 
-from test_server import (HAS_OPENSSL, RunningServer, error_of, fixture_names,
+from test_server import (HAS_OPENSSL, error_of, fixture_names,
                          jsonl, lite3_frames, make_certificate, parse_head, read_fixture, run_pls,
                          seed_demo)
 
-from test_server import _built_pyz, draft, plasmite  # noqa: E402,F401  (_built_pyz: the archive fixture)
+# Fixtures shared with test_server (pytest finds fixtures imported into a module).
+from test_server import _built_pyz, draft, plasmite, pool_dir, start_server  # noqa: F401
 
 # -- ref parsing ------------------------------------------------------------------------
 
@@ -324,26 +325,6 @@ def test_transport_failures():
 
 
 # -- the client against our server -------------------------------------------------------
-
-@pytest.fixture
-def pool_dir(tmp_path):
-    directory = tmp_path / "pools"
-    directory.mkdir()
-    return directory
-
-
-@pytest.fixture
-def start_server(pool_dir):
-    servers = []
-
-    def start(directory=None, **options):
-        server = RunningServer(directory or pool_dir, **options)
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        server.stop()
 
 
 @pytest.fixture
