@@ -14,6 +14,12 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "campaign: a reliability campaign (counts from PLASMITE_* environment "
+        "variables); CI runs these on the default python3 only")
+
+
 def pool_fixture_names():
     """Names (without extension) of every fixture pool."""
     return sorted(name[:-len(".plasmite")] for name in os.listdir(POOL_FIXTURES)
