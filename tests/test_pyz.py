@@ -41,7 +41,7 @@ def test_archive_layout(pyz):
         assert {"bytecode/plasmite.%s.pyc" % tag for tag in tags} <= set(names[3:])
         assert all(name.startswith("bytecode/plasmite.cpython-") for name in names[3:])
         assert "bytecode/plasmite.%s.pyc" % own_tag not in names
-        assert archive.read("__main__.py").endswith(b"raise SystemExit(plasmite.main())\n")
+        assert archive.read("__main__.py").endswith(b"plasmite.exit_process(plasmite.main())\n")
 
 
 def test_version_commands(pyz):
