@@ -365,7 +365,9 @@ def test_peek_closed_stdout_and_ctrl_c(pls):
     pls.run("pool", "create", "demo")
     for number in range(50):
         pls.run("poke", "demo", json.dumps({"i": number}))
-    pipeline = subprocess.run("%s | head -1" % " ".join(
+    # The reader starts late, so peek has printed its history and is waiting on an idle
+    # pool when the reader goes: it must notice by itself (no further write comes).
+    pipeline = subprocess.run("%s | (sleep 0.5; head -1)" % " ".join(
         "'%s'" % word for word in pls.command("peek", "demo", "--tail", "50", "--jsonl")),
         shell=True, capture_output=True, timeout=20,
         executable="/bin/bash", env=dict(os.environ, PIPESTATUS_CHECK="1"))
