@@ -9474,6 +9474,9 @@ def _define_server_classes() -> tuple:
 
         protocol_version = "HTTP/1.1"
         server_version = "plasmite/" + __version__
+        # TCP_NODELAY: a reply is written as head then body, and with Nagle's algorithm
+        # the body waited for the client's delayed ACK, 40 ms a keep-alive request.
+        disable_nagle_algorithm = True
 
         def setup(self) -> None:
             super().setup()
