@@ -33,6 +33,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 THIS = os.path.abspath(__file__)
@@ -881,13 +882,19 @@ def main() -> int:
     bench = Bench(options, plasmite, scratch)
     workloads = [bench.row1_append, bench.row2_writers, bench.row3_ingest, bench.row4_read,
                  bench.row5_latency, bench.row6_startup, bench.row7_http, bench.row8_memory]
-    rows = []
+    rows, failed = [], 0
     try:
         for number, workload in enumerate(workloads, 1):
             if only and number not in only:
                 continue
             started = time.monotonic()
-            rows.extend(workload())
+            try:
+                rows.extend(workload())
+            except Exception as error:  # report the row as failed and go on with the others
+                failed += 1
+                traceback.print_exc()
+                rows.append(row(number, workload.__name__, None, None, "", "", False,
+                                "FAILED: %s: %s" % (type(error).__name__, error)))
             print("  row %d done in %.0f s" % (number, time.monotonic() - started), file=sys.stderr)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -898,7 +905,7 @@ def main() -> int:
             json.dump({"python": platform.python_version(), "cores": os.cpu_count(),
                        "date": datetime.datetime.now().isoformat(), "quick": options.quick,
                        "repeat": options.repeat, "rows": rows}, handle, indent=1)
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
