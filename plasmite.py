@@ -1422,6 +1422,16 @@ def _decode_key(payload, entry, value_offset) -> str:
     return key
 
 
+# Strings from this size on are decoded through a memoryview: a slice would be one more
+# whole copy, and reading a 100 MB message then peaked at three copies instead of two.
+_BIG_STRING = 1 << 20
+
+
+def _decode_big_string(payload, start: int, end: int) -> str:
+    with memoryview(payload) as view:
+        return str(view[start:end], "utf-8")
+
+
 def _decode_container(payload, offset, depth, budget):
     """Decode the container whose first node is at ``offset`` (the caller checked it fits).
 
@@ -1465,7 +1475,8 @@ def _decode_container(payload, offset, depth, budget):
                 end = start + LITE3_U32.unpack_from(payload, value_offset + 1)[0] - 1
                 if not start <= end < size:
                     raise _corrupt("lite3 string out of bounds", value_offset)
-                result[key] = payload[start:end].decode("utf-8")
+                result[key] = (payload[start:end].decode("utf-8") if end - start < _BIG_STRING
+                               else _decode_big_string(payload, start, end))
             elif value_type == LITE3_I64:
                 result[key] = LITE3_I64_VALUE.unpack_from(payload, value_offset)[1]
             else:
@@ -1486,7 +1497,8 @@ def _decode_value(payload, offset, depth, budget):
             start = offset + 5
             end = start + LITE3_U32.unpack_from(payload, offset + 1)[0] - 1
             if start <= end < len(payload):
-                return payload[start:end].decode("utf-8")
+                return (payload[start:end].decode("utf-8") if end - start < _BIG_STRING
+                        else _decode_big_string(payload, start, end))
         elif value_type == LITE3_I64:
             return LITE3_I64_VALUE.unpack_from(payload, offset)[1]
         elif value_type == LITE3_F64:
