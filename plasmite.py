@@ -9216,8 +9216,13 @@ def render_lite3_frame(frame) -> bytes:
     return header + frame.payload
 
 
+# A tail stream writes at the latest when this much is batched.
+STREAM_BATCH_BYTES = 64 * 1024
+
+
 def follow_pool(request: HttpRequest, pool: LocalPool, deadline: float, render):
-    """Yield rendered messages from ``since_seq`` (default: the oldest) in seq order.
+    """Yield rendered messages from ``since_seq`` (default: the oldest) in seq order,
+    and ``b""`` each time it has caught up and is about to wait.
 
     Drains history, then waits for appends, until ``max`` messages were sent,
     the deadline passes, the server shuts down, or the client hangs up.  A
@@ -9235,6 +9240,7 @@ def follow_pool(request: HttpRequest, pool: LocalPool, deadline: float, render):
             return
         frame = cursor.next_frame()
         if frame is None:
+            yield b""       # caught up: send what is batched before waiting
             if request.handler.is_peer_closed():
                 return
             pool.wait_for_seq(cursor.next_seq, min(remaining, STREAM_CHECK_SECONDS), stopping)
@@ -9701,13 +9707,31 @@ def _define_server_classes() -> tuple:
                 self.write_head(200, headers)
                 if self.command == "HEAD":
                     return
-                write = self.wfile.write
-                for chunk in reply.chunks:
-                    write(b"%x\r\n%s\r\n" % (len(chunk), chunk) if is_chunked else chunk)
+                # Messages ready together go out in one write (one write each cost a
+                # system call and a packet per message); an empty chunk means the
+                # stream caught up, so what is pending goes out before it waits.
+                pending, pending_size = [], 0
+                try:
+                    for chunk in reply.chunks:
+                        pending.append(chunk)
+                        pending_size += len(chunk)
+                        if chunk and pending_size < STREAM_BATCH_BYTES:
+                            continue
+                        self.write_pending(pending, is_chunked)
+                        pending_size = 0
+                finally:
+                    self.write_pending(pending, is_chunked)   # what came before a failure
                 if is_chunked:
-                    write(b"0\r\n\r\n")
+                    self.wfile.write(b"0\r\n\r\n")
             finally:
                 reply.close()
+
+        def write_pending(self, pending: list, is_chunked: bool) -> None:
+            """Write the batched stream chunks as one (HTTP) chunk and empty the batch."""
+            data = b"".join(pending)
+            pending.clear()
+            if data:
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data) if is_chunked else data)
 
         # -- http.server hooks ---------------------------------------------------
 
