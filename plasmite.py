@@ -9573,6 +9573,9 @@ def _define_server_classes() -> tuple:
         # TCP_NODELAY: a reply is written as head then body, and with Nagle's algorithm
         # the body waited for the client's delayed ACK, 40 ms a keep-alive request.
         disable_nagle_algorithm = True
+        # Buffered: a reply's head and body leave in one send at the end of the request
+        # (http.server flushes there), not two (measured: 1,000 -> 1,900 appends/s).
+        wbufsize = 64 * 1024
 
         def setup(self) -> None:
             super().setup()
@@ -9727,11 +9730,12 @@ def _define_server_classes() -> tuple:
                 reply.close()
 
         def write_pending(self, pending: list, is_chunked: bool) -> None:
-            """Write the batched stream chunks as one (HTTP) chunk and empty the batch."""
+            """Send the batched stream chunks as one (HTTP) chunk and empty the batch."""
             data = b"".join(pending)
             pending.clear()
             if data:
                 self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data) if is_chunked else data)
+            self.wfile.flush()      # the head too, before a stream that has nothing yet waits
 
         # -- http.server hooks ---------------------------------------------------
 
