@@ -8952,7 +8952,7 @@ def served_pool_path(config: ServeConfig, name: str) -> str:
     if not name:
         raise PlasmiteError("Usage", "pool name must not be empty")
     path = resolve_pool_path(config.directory, name)
-    if len(os.path.basename(path).encode("utf-8", "surrogateescape")) > MAX_FILE_NAME_BYTES:
+    if len(os.path.basename(path).encode("utf-8")) > MAX_FILE_NAME_BYTES:
         raise PlasmiteError("Usage", "pool name is too long")
     return path
 
@@ -9537,7 +9537,7 @@ def _define_server_classes() -> tuple:
                 self.close_connection = True
                 return
             server.note_connection(self, False)
-            self.is_response_started = False  # send_error answers before dispatch would reset it
+            self.is_response_started = False  # per request: send_error may answer before dispatch
             self.request_started = time.monotonic()
             self.reader.deadline = self.request_started + server.config.request_timeout
             try:
