@@ -8342,6 +8342,12 @@ SEND_TIMEOUT_SECONDS = 30.0  # one write to a client that stopped reading
 SHUTDOWN_GRACE_SECONDS = 10.0  # in-flight requests get this long after SIGINT/SIGTERM
 STREAM_CHECK_SECONDS = 0.5  # a waiting tail checks for shutdown and a vanished client
 MAX_DRAINED_BODY_BYTES = 64 * 1024 * 1024  # an oversized body is read and dropped up to this
+# A request's header lines together (http.server alone allows 100 lines of 64 KiB
+# each, so a client that stalls before the blank line could hold 6.5 MB, and about
+# three times that once parsed, per connection: 30 such clients took the server
+# from 44 MB to 520 MB of RSS; issue 6, item 5).  Browsers send a few KiB.
+MAX_HEAD_BYTES = 64 * 1024
+MAX_FILE_NAME_BYTES = 255  # NAME_MAX of Linux, macOS and the BSDs
 
 VERSION_HEADER = ("plasmite-version", "0")
 JSON_CONTENT_TYPE = "application/json"
@@ -8356,6 +8362,7 @@ ERROR_STATUSES = {"Usage": 400, "NotFound": 404, "AlreadyExists": 409, "Busy": 4
 _BIND_PATTERN = r"(?:\[([^\]]*)\]|([0-9.]+)):([0-9]+)"
 _SHELL_SAFE = r"[A-Za-z0-9/_\-.:=]*"
 _PEM_BLOCK = rb"(?s)-----BEGIN ([A-Z0-9 ]+)-----(.*?)-----END \1-----"
+_CHUNK_SIZE_PATTERN = rb"[0-9A-Fa-f]{1,16}"  # at most 2**64 - 1, as upstream's u64
 _PRIVATE_KEY_LABELS = (b"PRIVATE KEY", b"RSA PRIVATE KEY", b"EC PRIVATE KEY")
 # Log text escapes control characters (and backslashes), as http.server does.
 _LOG_ESCAPES = {code: "\\x%02x" % code for code in list(range(0x20)) + list(range(0x7F, 0xA0))}
@@ -8944,15 +8951,22 @@ def check_body_shape(document, shape_name: str, text: bytes) -> None:
 
 
 def _read_chunked_body(rfile, limit: int) -> bytes:
-    """Read a chunked request body of at most ``limit`` bytes."""
+    """Read a chunked request body of at most ``limit`` bytes (RFC 9112 7.1).
+
+    A chunk size is hex digits only: int() would also take "-1" (a read to the
+    end of the stream), "0x10" and "1_0".  Raises HttpRejection 400 for a
+    malformed size or chunk end, 413 over the limit; ConnectionError at EOF.
+    """
     body = bytearray()
     while True:
         line = rfile.readline(1024)
-        try:
-            size = int(line.split(b";", 1)[0].strip(), 16)
-        except ValueError:
+        if not line:
+            raise ConnectionError("request body ended early")
+        size_text = line.split(b";", 1)[0].strip()
+        if not re.fullmatch(_CHUNK_SIZE_PATTERN, size_text):
             raise text_rejection(400, "Failed to buffer the request body: invalid chunk size",
-                                 should_close=True) from None
+                                 should_close=True)
+        size = int(size_text, 16)
         if size == 0:
             while rfile.readline(1024) not in (b"\r\n", b"\n", b""):
                 pass  # trailer fields
@@ -8964,7 +8978,9 @@ def _read_chunked_body(rfile, limit: int) -> bytes:
         if len(chunk) < size:
             raise ConnectionError("request body ended early")
         body += chunk
-        rfile.readline(1024)
+        if rfile.readline(1024) not in (b"\r\n", b"\n"):
+            raise text_rejection(400, "Failed to buffer the request body: invalid chunk",
+                                 should_close=True)
 
 
 def read_request_body(handler, limit: int) -> bytes:
@@ -8973,13 +8989,27 @@ def read_request_body(handler, limit: int) -> bytes:
     A body over the limit is read and dropped (up to MAX_DRAINED_BODY_BYTES,
     so the client gets to read the answer) and refused with 413 text/plain,
     closing the connection.  Raises ConnectionError when the client stops early.
+    Framing that two parsers could read differently (RFC 9112 6.3) is refused
+    with 400: a transfer coding other than chunked alone, or Content-Length
+    headers that disagree.  Chunked wins over a Content-Length, and the
+    connection then closes after the answer.
     """
     headers = handler.headers
-    if "chunked" in headers.get("transfer-encoding", "").lower():
+    transfer_codings = headers.get_all("transfer-encoding")
+    if transfer_codings is not None:
+        if ",".join(transfer_codings).strip().lower() != "chunked":
+            raise text_rejection(400, "Failed to buffer the request body: unsupported "
+                                 "transfer-encoding", should_close=True)
+        if "content-length" in headers:
+            handler.close_connection = True
         return _read_chunked_body(handler.rfile, limit)
-    length_text = headers.get("content-length")
-    if length_text is None:
+    length_texts = headers.get_all("content-length")
+    if length_texts is None:
         return b""
+    length_text = length_texts[0]
+    if any(text.strip() != length_text.strip() for text in length_texts):
+        raise text_rejection(400, "Failed to buffer the request body: invalid content-length",
+                             should_close=True)
     try:
         length = parse_u64(length_text.strip())
     except ValueError:
@@ -9016,18 +9046,22 @@ def read_json_body(handler, shape_name: str, limit: int) -> dict:
     return document
 
 
-def check_bearer_token(config: ServeConfig, header_value) -> None:
-    """Require ``Authorization: Bearer <token>`` byte for byte; compared in constant time.
+def check_bearer_token(config: ServeConfig, header_values) -> None:
+    """Require one ``Authorization: Bearer <token>`` byte for byte; compared in constant time.
 
-    Raises PlasmiteError Permission "missing bearer token" / "invalid bearer token" (401).
+    ``header_values`` lists every Authorization header of the request (None
+    for none).  Two or more are refused even if one matches: which one counts
+    would depend on the parser.  Raises PlasmiteError Permission "missing
+    bearer token" / "invalid bearer token" (401).
     """
     import hmac
 
-    if header_value is None:
+    if header_values is None:
         raise PlasmiteError("Permission", "missing bearer token")
     # http.server decodes header bytes as latin-1, so this gives the bytes sent.
-    received = header_value.encode("latin-1")
-    if not hmac.compare_digest(received, ("Bearer " + config.token).encode("utf-8")):
+    received = header_values[0].encode("latin-1")
+    is_valid = hmac.compare_digest(received, ("Bearer " + config.token).encode("utf-8"))
+    if not is_valid or len(header_values) > 1:
         raise PlasmiteError("Permission", "invalid bearer token")
 
 
@@ -9035,7 +9069,9 @@ def served_pool_path(config: ServeConfig, name: str) -> str:
     """Map a pool name from a request to its file in the pool directory, never outside it.
 
     Raises PlasmiteError Usage (400) for names holding a path separator (a
-    decoded ``%2F``, an absolute path), a NUL byte, or nothing at all.
+    decoded ``%2F``, an absolute path), a NUL byte, or nothing at all, and
+    for names whose file name would be too long for the file system (upstream
+    tries the file and answers 500 Io; the name is the client's mistake).
     """
     if "/" in name:
         raise PlasmiteError("Usage", "pool name must not contain path separators")
@@ -9043,7 +9079,10 @@ def served_pool_path(config: ServeConfig, name: str) -> str:
         raise PlasmiteError("Usage", "pool name must not contain NUL bytes")
     if not name:
         raise PlasmiteError("Usage", "pool name must not be empty")
-    return resolve_pool_path(config.directory, name)
+    path = resolve_pool_path(config.directory, name)
+    if len(os.path.basename(path).encode("utf-8")) > MAX_FILE_NAME_BYTES:
+        raise PlasmiteError("Usage", "pool name is too long")
+    return path
 
 
 class HttpRequest:
@@ -9425,7 +9464,7 @@ def process_request(handler):
     handler.finish_reading()
     if route.access is not None:
         if config.token is not None:
-            check_bearer_token(config, handler.headers.get("authorization"))
+            check_bearer_token(config, handler.headers.get_all("authorization"))
         if not config.allows(route.access):
             raise PlasmiteError("Permission", "forbidden: access mode disallows %s operations"
                                 % route.access)
@@ -9454,6 +9493,7 @@ def _server_classes() -> tuple:
 
 
 def _define_server_classes() -> tuple:
+    import http.client
     import http.server
     import io
     import socket
@@ -9484,10 +9524,33 @@ def _define_server_classes() -> tuple:
                 self.connection.settimeout(remaining)
             return self.connection.recv_into(buffer)
 
+    class HeadReader:
+        """The rfile http.server parses a request's header lines from, at most ``limit`` bytes.
+
+        Going over raises http.client.LineTooLong, which http.server answers
+        with 431, as it does for one line that is too long.
+        """
+
+        def __init__(self, rfile, limit: int):
+            self.rfile = rfile
+            self.remaining = limit
+
+        def readline(self, size: int = -1) -> bytes:
+            line = self.rfile.readline(size)
+            self.remaining -= len(line)
+            if self.remaining < 0:
+                raise http.client.LineTooLong("header lines")
+            return line
+
     class PlasmiteHTTPServer(http.server.ThreadingHTTPServer):
         """ThreadingHTTPServer with the serve configuration, tail slots and shutdown bookkeeping."""
 
         daemon_threads = True
+        # The listen backlog.  socketserver's 5 overflows under a burst of connects,
+        # and each refused handshake waits for a SYN retransmit (1 s, then 3 s):
+        # 100 sequential connects took 15 s, and 3 ms with 1024 (as tokio's
+        # listener, upstream's).  The kernel caps it at net.core.somaxconn.
+        request_queue_size = 1024
 
         def __init__(self, config: ServeConfig, tls_context):
             self.config = config
@@ -9615,6 +9678,7 @@ def _define_server_classes() -> tuple:
                 self.close_connection = True
                 return
             server.note_connection(self, False)
+            self.is_response_started = False  # per request: send_error may answer before dispatch
             self.request_started = time.monotonic()
             self.reader.deadline = self.request_started + server.config.request_timeout
             try:
@@ -9646,7 +9710,6 @@ def _define_server_classes() -> tuple:
 
         def dispatch(self) -> None:
             """Answer one request; the one try/except boundary of the request."""
-            self.is_response_started = False
             try:
                 reply = process_request(self)
                 if isinstance(reply, StreamReply):
@@ -9746,10 +9809,32 @@ def _define_server_classes() -> tuple:
 
         # -- http.server hooks ---------------------------------------------------
 
+        def parse_request(self) -> bool:
+            """Parse the request line and at most MAX_HEAD_BYTES of header lines.
+
+            HTTP/0.9 (a request line without a version, answered with a bare
+            body) is refused with 400, as upstream's parser does.
+            """
+            rfile = self.rfile
+            self.rfile = HeadReader(rfile, MAX_HEAD_BYTES)
+            try:
+                if not super().parse_request():
+                    return False
+            finally:
+                self.rfile = rfile
+            if self.request_version == "HTTP/0.9":
+                self.send_error(400, "HTTP/0.9 is not supported")
+                return False
+            return True
+
         def send_error(self, code, message=None, explain=None) -> None:
             """Answer malformed requests (bad request line, huge headers) with an empty body."""
             self.log_error("code %d, message %s", code, message)
             self.close_connection = True
+            if self.request_version == "HTTP/0.9":
+                # http.server's value until a version parses; it would suppress the
+                # status line and leave a malformed request without any answer.
+                self.request_version = "HTTP/1.1"
             if not self.is_response_started:
                 self.write_head(code, [("content-length", "0"), ("connection", "close")])
 
