@@ -44,7 +44,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=20000)
     count = parser.parse_args().messages
-    directory = tempfile.mkdtemp(prefix="plasmite-bench-")
+    with tempfile.TemporaryDirectory(prefix="plasmite-bench-") as directory:
+        measure(directory, count)
+
+
+def measure(directory, count):
     client = plasmite.Client(directory)
     pool = client.create_pool("bench", 64 * 1024 * 1024)
     local = pool._local()
@@ -114,6 +118,7 @@ def main():
           % (sys.version.split()[0], count, len(payload), len(MESSAGE)))
     for label, value in rows:
         print("%-48s %12.2f" % (label, value))
+    database.close()
     client.close()
 
 
