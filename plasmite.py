@@ -2429,27 +2429,40 @@ class LocalPool:
                 view = self.inspect_frame(slot_offset)
                 if view.found == FOUND_MESSAGE and view.seq == seq:
                     return slot_offset
-        offset = self._walk_from_tail(seq, state)
+        offset, is_in_order = self._walk_from_tail(seq, state)
+        if not is_in_order:
+            return None
         view = self.inspect_frame(offset)
         return offset if view.found == FOUND_MESSAGE and view.seq == seq else None
 
-    def _walk_from_tail(self, seq: int, state: tuple) -> int:
-        """Walk from the tail past older frames; return where the walk stops.
+    def _walk_from_tail(self, seq: int, state: tuple) -> tuple:
+        """Walk from the tail past older frames; return (where the walk stops, is_in_order).
 
-        It stops at frame ``seq``, or at the first frame that is neither
-        older nor skippable (a damaged frame, a newer seq).  Bounded.
+        It stops at frame ``seq``, at the first frame that is neither older
+        nor skippable (a damaged frame, a newer seq), or at a frame out of
+        order: the first frame may hold any seq up to oldest (a killed
+        eviction leaves older ones at the tail), each later one the seq after
+        the frame before it.  ``is_in_order`` is False only in that last case,
+        so that a frame whose seq field was damaged into the seq sought is not
+        taken for it (one flipped bit made an index-less ``get 10`` return
+        message 2).  Bounded.
         """
         offset = state[1]
+        expected = None
         for _ in range(self._max_steps(state[3], state[4])):
             view = self.inspect_frame(offset)
             if view.found == FOUND_WRAP:
                 offset = 0
-            elif view.seq < seq and view.next_offset is not None and view.found != FOUND_INVALID:
+                continue
+            if view.found != FOUND_INVALID and (
+                    view.seq > state[3] if expected is None else view.seq != expected):
+                return offset, False
+            if view.seq < seq and view.next_offset is not None and view.found != FOUND_INVALID:
                 offset = view.next_offset  # an older message, or a stuck pending frame
+                expected = view.seq + 1
             else:
-                return offset
-        return offset
-        return None
+                return offset, True
+        return offset, True
 
     def _settled_state(self, state: tuple) -> tuple:
         """Wait briefly for the header to move on from ``state``; return the latest.
@@ -2493,7 +2506,7 @@ class LocalPool:
                         return Frame(seq, view.timestamp_ns, payload)
             latest = self._settled_state(state)
             if latest == state:
-                offset = offset if offset is not None else self._walk_from_tail(seq, state)
+                offset = offset if offset is not None else self._walk_from_tail(seq, state)[0]
                 view = self.inspect_frame(offset)
                 if (view.found == FOUND_PENDING and view.seq == seq) or self._is_interrupted_emptying(
                         state):
@@ -2668,7 +2681,7 @@ class Cursor:
                 self._offset = None
                 return None
             if offset is None:
-                offset = pool._walk_from_tail(self.next_seq, state)
+                offset = pool._walk_from_tail(self.next_seq, state)[0]
                 view = pool.inspect_frame(offset)
             if view.found == FOUND_PENDING and view.seq == self.next_seq:
                 # Published but never committed (a damaged file).  Upstream
