@@ -583,7 +583,8 @@ def stderr_problems(result, allowed_exit_codes):
     if result.returncode not in allowed_exit_codes:
         problems.append("exit code %d, expected one of %s" % (result.returncode,
                                                              sorted(allowed_exit_codes)))
-    lines = stderr.splitlines()
+    # JSON lines end at "\n" only (str.splitlines would also split at U+2028, U+0085, ...).
+    lines = [line for line in stderr.split("\n") if line]
     for line in lines:
         try:
             envelope = json.loads(line)
