@@ -11238,7 +11238,7 @@ def _clap_message(message: str) -> str:
 
 def _flag_display(names: str) -> str:
     """``-n/--tail`` -> ``--tail <TAIL>``, ``SEQ`` -> ``<SEQ>``: how clap names arguments."""
-    if names.isupper():
+    if names.isupper() and not names.startswith("-"):  # a positional's metavar
         return "<%s>" % names
     flag = next((name for name in names.split("/") if name.startswith("--")), names)
     value_names = {"--tail": "TAIL", "--replay": "SPEED", "--in": "IN", "--errors": "ERRORS"}
