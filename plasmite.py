@@ -160,6 +160,7 @@ def is_terminal(stream) -> bool:
 
 FORMAT_VERSION = 3
 MAX_PAYLOAD_BYTES = 256 * 1024 * 1024  # upstream caps payloads and Lite3 buffers here
+MAX_FILE_SIZE = 2 ** 63 - 1  # the largest file offset (off_t) the OS can be asked for
 DEFAULT_POOL_SIZE = 1024 * 1024
 POOL_SUFFIX = ".plasmite"
 
@@ -2015,6 +2016,12 @@ class LocalPool:
         if file_size <= ring_offset:
             raise PlasmiteError("Usage", "file_size must exceed header and index size",
                                 hint="Choose a file size greater than %d bytes." % ring_offset)
+        if file_size > MAX_FILE_SIZE:
+            # ftruncate cannot even be asked (OverflowError, and a stub file
+            # left behind); answer as it does for a size the disk cannot hold.
+            raise PlasmiteError("Io", "not enough disk space for the pool", path=path,
+                                hint="Free some space or create a smaller pool (--size).",
+                                causes=[describe_os_error(OSError(errno.EFBIG, ""))])
         layout = PoolLayout(file_size, index_capacity, ring_offset, file_size - ring_offset)
         parent = os.path.dirname(path)
         try:
@@ -2549,27 +2556,40 @@ class LocalPool:
                 view = self.inspect_frame(slot_offset)
                 if view.found == FOUND_MESSAGE and view.seq == seq:
                     return slot_offset
-        offset = self._walk_from_tail(seq, state)
+        offset, is_in_order = self._walk_from_tail(seq, state)
+        if not is_in_order:
+            return None
         view = self.inspect_frame(offset)
         return offset if view.found == FOUND_MESSAGE and view.seq == seq else None
 
-    def _walk_from_tail(self, seq: int, state: tuple) -> int:
-        """Walk from the tail past older frames; return where the walk stops.
+    def _walk_from_tail(self, seq: int, state: tuple) -> tuple:
+        """Walk from the tail past older frames; return (where the walk stops, is_in_order).
 
-        It stops at frame ``seq``, or at the first frame that is neither
-        older nor skippable (a damaged frame, a newer seq).  Bounded.
+        It stops at frame ``seq``, at the first frame that is neither older
+        nor skippable (a damaged frame, a newer seq), or at a frame out of
+        order: the first frame may hold any seq up to oldest (a killed
+        eviction leaves older ones at the tail), each later one the seq after
+        the frame before it.  ``is_in_order`` is False only in that last case,
+        so that a frame whose seq field was damaged into the seq sought is not
+        taken for it (one flipped bit made an index-less ``get 10`` return
+        message 2).  Bounded.
         """
         offset = state[1]
+        expected = None
         for _ in range(self._max_steps(state[3], state[4])):
             view = self.inspect_frame(offset)
             if view.found == FOUND_WRAP:
                 offset = 0
-            elif view.seq < seq and view.next_offset is not None and view.found != FOUND_INVALID:
+                continue
+            if view.found != FOUND_INVALID and (
+                    view.seq > state[3] if expected is None else view.seq != expected):
+                return offset, False
+            if view.seq < seq and view.next_offset is not None and view.found != FOUND_INVALID:
                 offset = view.next_offset  # an older message, or a stuck pending frame
+                expected = view.seq + 1
             else:
-                return offset
-        return offset
-        return None
+                return offset, True
+        return offset, True
 
     def _settled_state(self, state: tuple) -> tuple:
         """Wait briefly for the header to move on from ``state``; return the latest.
@@ -2613,7 +2633,7 @@ class LocalPool:
                         return Frame(seq, view.timestamp_ns, payload)
             latest = self._settled_state(state)
             if latest == state:
-                offset = offset if offset is not None else self._walk_from_tail(seq, state)
+                offset = offset if offset is not None else self._walk_from_tail(seq, state)[0]
                 view = self.inspect_frame(offset)
                 if (view.found == FOUND_PENDING and view.seq == seq) or self._is_interrupted_emptying(
                         state):
@@ -2793,7 +2813,7 @@ class Cursor:
                 self._offset = None
                 return None
             if offset is None:
-                offset = pool._walk_from_tail(self.next_seq, state)
+                offset = pool._walk_from_tail(self.next_seq, state)[0]
                 view = pool.inspect_frame(offset)
             if view.found == FOUND_PENDING and view.seq == self.next_seq:
                 # Published but never committed (a damaged file).  Upstream
@@ -11444,9 +11464,14 @@ def _clap_message(message: str) -> str:
         return "invalid value '%s' for '%s'" % (match.group(2), _flag_display(match.group(1)))
     match = re.match(r"argument (\S+): invalid (\w+) value: '([^']*)'", message)
     if match:
-        reason = "invalid digit found in string" if match.group(2) == "int" else "invalid float literal"
+        reason = ("invalid float literal" if match.group(2) == "float"
+                  else "invalid digit found in string")
         return "invalid value '%s' for '%s': %s" % (match.group(3), _flag_display(match.group(1)),
                                                      reason)
+    match = re.match(r"argument (\S+): (number too large to fit in target type) '(.*)'\Z", message)
+    if match:
+        return "invalid value '%s' for '%s': %s" % (match.group(3), _flag_display(match.group(1)),
+                                                     match.group(2))
     match = re.match(r"argument (\S+): not allowed with argument (\S+)", message)
     if match:  # argparse names the later flag first; clap names them as typed
         return "the argument '%s' cannot be used with '%s'" % (_flag_display(match.group(2)),
@@ -11460,14 +11485,38 @@ def _clap_message(message: str) -> str:
 
 
 def _flag_display(names: str) -> str:
-    """``-n/--tail`` -> ``--tail <TAIL>``, as clap names an option in messages."""
-    if names == "SHELL":
-        return "<SHELL>"
+    """``-n/--tail`` -> ``--tail <TAIL>``, ``SEQ`` -> ``<SEQ>``: how clap names arguments."""
+    if names.isupper() and not names.startswith("-"):  # a positional's metavar
+        return "<%s>" % names
     flag = next((name for name in names.split("/") if name.startswith("--")), names)
     value_names = {"--tail": "TAIL", "--replay": "SPEED", "--in": "IN", "--errors": "ERRORS"}
     if flag.startswith("--"):
         return "%s <%s>" % (flag, value_names.get(flag, flag[2:].upper().replace("-", "_")))
     return flag
+
+
+_is_integer_text = re.compile(r"[+-]?[0-9]+\Z").match
+
+
+def _integer_argument(bits: int):
+    """Return an argparse type reading a clap ``u<bits>`` value: ASCII digits, in range.
+
+    Python's int() also takes "1_000", " 5" and other scripts' digits ("١"),
+    which clap refuses; so is a value too large for the type.  A leading minus
+    passes: the commands refuse it in clap's words, which take "-1" for an
+    unknown flag.
+    """
+    def parse_integer(text: str) -> int:
+        import argparse
+
+        if not _is_integer_text(text):
+            raise ValueError(text)
+        value = int(text)
+        if value >= 1 << bits:
+            raise argparse.ArgumentTypeError("number too large to fit in target type %r" % text)
+        return value
+
+    return parse_integer
 
 
 def _make_argument_parser_class():
@@ -11580,7 +11629,7 @@ def add_pool_parser(commands, CommandParser):
     create = _add_command(pool_commands, "create", "pool create", cmd_pool_create)
     create.add_argument("names", nargs="+", metavar="NAME", help="Pool names or paths")
     create.add_argument("--size", default="1M", help="Pool file size (K/M/G) [default: 1M]")
-    create.add_argument("--index-capacity", type=int, metavar="INDEX_CAPACITY",
+    create.add_argument("--index-capacity", type=_integer_argument(32), metavar="INDEX_CAPACITY",
                         help="Index slots (default: automatic; 0 disables the index)")
     info = _add_command(pool_commands, "info", "pool info", cmd_pool_info)
     info.add_argument("name", metavar="NAME", help="Pool name or path")
@@ -11603,7 +11652,7 @@ def add_poke_parser(commands, CommandParser):
                       help="fast or flush [default: fast]")
     poke.add_argument("--create", action="store_true", help="Create the pool if it is missing")
     poke.add_argument("--create-size", metavar="CREATE_SIZE", help="Size for --create [default: 1M]")
-    poke.add_argument("--retry", type=int, default=0, metavar="RETRY",
+    poke.add_argument("--retry", type=_integer_argument(32), default=0, metavar="RETRY",
                       help="Retries for busy appends [default: 0]")
     poke.add_argument("--retry-delay", metavar="RETRY_DELAY",
                       help="Delay between retries [default: 50ms]")
@@ -11617,14 +11666,14 @@ def add_poke_parser(commands, CommandParser):
 def add_get_parser(commands, CommandParser):
     get = _add_command(commands, "get", "get", cmd_get)
     get.add_argument("pool", metavar="POOL", help="Pool name or path")
-    get.add_argument("seq", type=int, metavar="SEQ", help="Sequence number")
+    get.add_argument("seq", type=_integer_argument(64), metavar="SEQ", help="Sequence number")
 
 
 def add_peek_parser(commands, CommandParser):
     peek = _add_command(commands, "peek", "peek", cmd_peek)
     peek.add_argument("pool", metavar="POOL", help="Pool name, path or http(s)://host:port/pool")
     start = peek.add_mutually_exclusive_group()
-    start.add_argument("-n", "--tail", type=int, default=0, metavar="TAIL",
+    start.add_argument("-n", "--tail", type=_integer_argument(64), default=0, metavar="TAIL",
                        help="Print the last N matching messages first")
     start.add_argument("--since", metavar="SINCE",
                        help="Start at a time: RFC 3339 or relative (5m, 2h, 1d)")
@@ -11791,9 +11840,7 @@ def open_pool_for_command(args, reference: str) -> LocalPool:
 # pool list.  They use section 12's pool_directory, missing_pool_hint and
 # ParserFailure, so they live there, not in sections 9-10.
 
-_SERVE_NUMBER_FLAGS = (("max_body_bytes", "--max-body-bytes <MAX_BODY_BYTES>"),
-                       ("max_tail_timeout_ms", "--max-tail-timeout-ms <MAX_TAIL_TIMEOUT_MS>"),
-                       ("max_tail_concurrency", "--max-tail-concurrency <MAX_TAIL_CONCURRENCY>"))
+_SERVE_NUMBER_FLAGS = ("max_body_bytes", "max_tail_timeout_ms", "max_tail_concurrency")
 
 
 def add_serve_parser(subparsers, CommandParser):
@@ -11821,12 +11868,15 @@ def add_serve_parser(subparsers, CommandParser):
                        help="Serve HTTPS with a certificate generated at start")
     serve.add_argument("--access", choices=ACCESS_MODES, default="read-write", metavar="ACCESS",
                        help="read-only, write-only or read-write [default: read-write]")
-    serve.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
+    serve.add_argument("--max-body-bytes", type=_integer_argument(64),
+                       default=DEFAULT_MAX_BODY_BYTES,
                        metavar="MAX_BODY_BYTES", help="Request body limit [default: 1048576]")
-    serve.add_argument("--max-tail-timeout-ms", type=int, default=DEFAULT_MAX_TAIL_TIMEOUT_MS,
+    serve.add_argument("--max-tail-timeout-ms", type=_integer_argument(64),
+                       default=DEFAULT_MAX_TAIL_TIMEOUT_MS,
                        metavar="MAX_TAIL_TIMEOUT_MS",
                        help="Longest (and default) stream timeout_ms [default: 30000]")
-    serve.add_argument("--max-tail-concurrency", type=int, default=DEFAULT_MAX_TAIL_CONCURRENCY,
+    serve.add_argument("--max-tail-concurrency", type=_integer_argument(64),
+                       default=DEFAULT_MAX_TAIL_CONCURRENCY,
                        metavar="MAX_TAIL_CONCURRENCY",
                        help="Simultaneous streams [default: 64]")
     actions = serve.add_subparsers(dest="serve_command", metavar="COMMAND",
@@ -11867,13 +11917,10 @@ def cmd_serve(args) -> int:
         else:
             args.output.document(document)
         return 0
-    for name, display in _SERVE_NUMBER_FLAGS:
+    for name in _SERVE_NUMBER_FLAGS:
         value = getattr(args, name)
         if value < 0:
             raise ParserFailure("unexpected argument '%d' found" % value, "serve")
-        if value >= 1 << 64:
-            raise ParserFailure("invalid value '%d' for '%s': number too large to fit in target "
-                                "type" % (value, display), "")
     config = ServeConfig(pool_directory(args), args.bind, args.token, args.token_file,
                          args.allow_non_loopback, args.insecure_no_tls, args.tls_cert,
                          args.tls_key, args.tls_self_signed, args.access, args.max_body_bytes,
@@ -12393,6 +12440,11 @@ def compile_filters(expressions: list):
             causes=[err.message]) from err
 
 
+# A tiny --replay SPEED asks for sleeps time.sleep refuses (beyond its 2**63 ns
+# clock, or infinite); a century is the same wait to anyone watching.
+REPLAY_MAX_SLEEP_SECONDS = 100 * 365 * 86400.0
+
+
 class PeekSession:
     """One ``peek``: the history scan, the follow loop, filters, drops and the timeout."""
 
@@ -12545,7 +12597,8 @@ class PeekSession:
         for timestamp_ns, message in selected:
             if previous_ns is not None and self.args.replay > 0 and timestamp_ns > previous_ns:
                 self.args.output.flush()
-                time.sleep((timestamp_ns - previous_ns) / 1e9 / self.args.replay)
+                time.sleep(min((timestamp_ns - previous_ns) / 1e9 / self.args.replay,
+                               REPLAY_MAX_SLEEP_SECONDS))
             previous_ns = timestamp_ns
             self.emit(message)
             if self.args.one:
@@ -12563,6 +12616,9 @@ def cmd_peek(args) -> int:
     since_ns = parse_since(args.since, now_ns) if args.since is not None else None
     timeout = parse_duration(args.timeout) if args.timeout is not None else None
     matches = compile_filters(args.where) if args.where else None
+    # --tail is a u64, but a deque holds at most sys.maxsize items; no pool
+    # holds more messages than that, so the larger counts mean the same.
+    args.tail = min(args.tail, sys.maxsize)
     remote = parse_remote_ref(args.pool)
     if remote is not None:
         return remote_peek(args, remote[0], remote[1], matches)
