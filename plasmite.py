@@ -2023,38 +2023,38 @@ class LocalPool:
                                 hint="Free some space or create a smaller pool (--size).",
                                 causes=[describe_os_error(OSError(errno.EFBIG, ""))])
         layout = PoolLayout(file_size, index_capacity, ring_offset, file_size - ring_offset)
-        parent = os.path.dirname(path)
+        if os.path.lexists(path):
+            raise _pool_exists(path, FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST)))
+        parent, name = os.path.split(path)
+        # Made whole under a hidden name, then linked into place: a reader or a second
+        # creator never sees a half-made pool (a `poke --create` racing another one
+        # read "bad magic" before), and the link fails if the name was taken meanwhile.
+        scratch = os.path.join(parent, ".%s.%s.creating" % (name, os.urandom(4).hex()))
+        fd = _create_exclusively(scratch, path)
         try:
-            if parent:
-                os.makedirs(parent, exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0),
-                         0o666)
-        except FileExistsError as err:
-            raise PlasmiteError("AlreadyExists", "pool already exists", path=path,
-                                hint="Choose a different name or remove the existing pool file.",
-                                causes=[describe_os_error(err)]) from err
-        except OSError as err:
-            # Upstream reports every other create failure (a read-only
-            # directory included) as Io, exit code 8; scripts rely on it.
-            raise PlasmiteError("Io", "failed to create pool file", path=path,
-                                causes=[describe_os_error(err)]) from err
-        try:
-            # Same steps as upstream: size the (sparse, zero) file, write the
-            # header with a plain write, zero the index through the mapping.
-            os.ftruncate(fd, file_size)
-            reserve_file_space(fd, file_size)
-            os.pwrite(fd, encode_pool_header(layout), 0)
-            mapping = map_pool_file(fd, file_size, writable=True)
-            mapping[INDEX_OFFSET:ring_offset] = bytes(ring_offset - INDEX_OFFSET)
-        except OSError as err:
-            os.close(fd)
-            _remove_quietly(path)
-            if err.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
-                raise PlasmiteError("Io", "not enough disk space for the pool", path=path,
-                                    hint="Free some space or create a smaller pool (--size).",
-                                    causes=[describe_os_error(err)]) from err
-            raise PlasmiteError("Io", "failed to size pool file", path=path,
-                                causes=[describe_os_error(err)]) from err
+            mapping = _initialise_pool_file(fd, layout, path)
+            try:
+                os.link(scratch, path)
+            except FileExistsError as err:
+                mapping.close()
+                raise _pool_exists(path, err) from err
+            except OSError:
+                # A file system without hard links: create in place, as upstream does.
+                mapping.close()
+                os.close(fd)
+                fd = None
+                fd = _create_exclusively(path, path)
+                try:
+                    mapping = _initialise_pool_file(fd, layout, path)
+                except BaseException:
+                    _remove_quietly(path)
+                    raise
+        except BaseException:
+            if fd is not None:
+                os.close(fd)
+            raise
+        finally:
+            _remove_quietly(scratch)
         return cls(path, fd, mapping, layout, True)
 
     @classmethod
@@ -2748,6 +2748,51 @@ def _remove_quietly(path: str) -> None:
         os.unlink(path)
     except OSError:
         pass
+
+
+def _pool_exists(path: str, err: OSError) -> PlasmiteError:
+    return PlasmiteError("AlreadyExists", "pool already exists", path=path,
+                         hint="Choose a different name or remove the existing pool file.",
+                         causes=[describe_os_error(err)])
+
+
+def _create_exclusively(path: str, pool_path: str) -> int:
+    """Create ``path`` (and its parent directories) for a new pool; return its descriptor."""
+    try:
+        parent = os.path.dirname(path)
+        if parent:
+            os.makedirs(parent, exist_ok=True)
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0),
+                       0o666)
+    except FileExistsError as err:
+        raise _pool_exists(pool_path, err) from err
+    except OSError as err:
+        # Upstream reports every other create failure (a read-only directory
+        # included) as Io, exit code 8; scripts rely on it.
+        raise PlasmiteError("Io", "failed to create pool file", path=pool_path,
+                            causes=[describe_os_error(err)]) from err
+
+
+def _initialise_pool_file(fd: int, layout: PoolLayout, pool_path: str) -> mmap.mmap:
+    """Size a new pool file, reserve its blocks, write its header; return the mapping.
+
+    The same steps as upstream: size the (sparse, zero) file, write the header with
+    a plain write, zero the index through the mapping.
+    """
+    try:
+        os.ftruncate(fd, layout.file_size)
+        reserve_file_space(fd, layout.file_size)
+        os.pwrite(fd, encode_pool_header(layout), 0)
+        mapping = map_pool_file(fd, layout.file_size, writable=True)
+        mapping[INDEX_OFFSET:layout.ring_offset] = bytes(layout.ring_offset - INDEX_OFFSET)
+        return mapping
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            raise PlasmiteError("Io", "not enough disk space for the pool", path=pool_path,
+                                hint="Free some space or create a smaller pool (--size).",
+                                causes=[describe_os_error(err)]) from err
+        raise PlasmiteError("Io", "failed to size pool file", path=pool_path,
+                            causes=[describe_os_error(err)]) from err
 
 
 class Cursor:
@@ -11495,7 +11540,7 @@ def _flag_display(names: str) -> str:
     return flag
 
 
-_is_integer_text = re.compile(r"[+-]?[0-9]+\Z").match
+_INTEGER_TEXT = LazyPattern(r"[+-]?[0-9]+\Z")
 
 
 def _integer_argument(bits: int):
@@ -11509,7 +11554,7 @@ def _integer_argument(bits: int):
     def parse_integer(text: str) -> int:
         import argparse
 
-        if not _is_integer_text(text):
+        if not _INTEGER_TEXT.match(text):
             raise ValueError(text)
         value = int(text)
         if value >= 1 << bits:

@@ -149,3 +149,38 @@ def test_writer_killed_at_random_moments(tmp_path):
         os.waitpid(child, 0)
         newest = check_pool_after_kill(path, newest)
     assert newest > kills
+
+
+def test_racing_creators_and_readers_never_see_a_half_made_pool(tmp_path):
+    # Every process creates the pool or finds it made; a reader polling meanwhile may
+    # find no file, but never a file that is not a whole pool (no "bad magic").
+    for round_number in range(10):
+        path = str(tmp_path / ("race%d.plasmite" % round_number))
+        children = []
+        for writer in range(6):
+            child = os.fork()
+            if child == 0:
+                status = 1
+                try:
+                    try:
+                        pool = plasmite.LocalPool.create(path, 32 * 1024 * 1024)
+                    except plasmite.PlasmiteError as err:
+                        assert err.kind == "AlreadyExists", err
+                        pool = plasmite.LocalPool.open(path)
+                    pool.append(plasmite.encode_message([], {"w": writer}))
+                    status = 0
+                finally:
+                    os._exit(status)
+            children.append(child)
+        opened = 0
+        while opened < 50:
+            try:
+                plasmite.LocalPool.open(path).close()
+                opened += 1
+            except plasmite.PlasmiteError as err:
+                assert err.kind == "NotFound", (round_number, err.kind, err.message)
+        assert [os.waitpid(child, 0)[1] for child in children] == [0] * 6
+        with plasmite.LocalPool.open(path) as pool:
+            assert pool.bounds() == (1, 6)
+        assert os.listdir(str(tmp_path)).count(os.path.basename(path)) == 1
+    assert not [name for name in os.listdir(str(tmp_path)) if name.endswith(".creating")]
