@@ -363,7 +363,7 @@ def kill_moment(local, newest: int, warnings: list) -> str:
 
 
 def check_pool_after_kill(path, ledger, previous_newest, sent, context) -> tuple:
-    """Check the invariants a killed writer must leave intact; return (newest, kill moment).
+    """Check the invariants a killed writer must leave intact; return (oldest, newest, kill moment).
 
     The pool opens and diagnoses OK; every visible message decodes to what
     the ledger says; the seqs are contiguous; the writer committed at most
@@ -388,7 +388,7 @@ def check_pool_after_kill(path, ledger, previous_newest, sent, context) -> tuple
             assert (message["meta"]["tags"], message["data"]) == ledger.expected(seq), (
                 "%s: seq %d from %s holds %r" % (context, seq, ledger.origin(seq), message))
         assert cursor.next_frame() is None and cursor.dropped_count == 0, context
-        return newest, kill_moment(local, newest, report["remediation_hints"])
+        return oldest, newest, kill_moment(local, newest, report["remediation_hints"])
 
 
 def check_follower_items(follower, items, ledger, context) -> None:
@@ -433,12 +433,17 @@ def test_crash_campaign(pls):
                 else:
                     sent = run_poke_writer(pls, kill, newest + 1, variant, generator, context)
                 previous_newest = newest
-                newest, moment = check_pool_after_kill(path, ledger, newest, sent, context)
+                oldest, newest, moment = check_pool_after_kill(path, ledger, newest, sent,
+                                                               context)
                 committed += newest - previous_newest
                 moments[moment] = moments.get(moment, 0) + 1
                 receipt = plasmite.parse_message(
                     pool.append_json(json.dumps({"after": kill}), ["after"]))
                 assert receipt["seq"] == newest + 1, "%s: next append got %r" % (context, receipt)
+                # It makes room for one small frame: at most two frames and a wrap gap go.
+                bounds = pool._local().bounds()
+                assert bounds[0] <= oldest + 3, "%s: the next append evicted %d..%d" % (
+                    context, oldest, bounds[0] - 1)
                 newest += 1
                 ledger.begin(newest, kill, "after")
                 if kill % 25 == 0 or kill == KILLS:
