@@ -2330,21 +2330,20 @@ class LocalPool:
 
         Three states need it, none reachable from a finished append:
         ``oldest`` was raised but ``tail`` still points at frames older than
-        it (an eviction's stores), ``newest`` names the frame that starts at
-        ``head`` (a publication's stores), or head == tail with a stale frame
-        there (an eviction that emptied the ring).  In a finished append the
-        frame at the tail has seq ``oldest`` and frame ``newest`` ends at
-        ``head``.  Returns the repaired (head, tail, tail_next, oldest),
-        already stored.
+        it (an eviction's stores), ``newest`` names a frame that does not end
+        at ``head`` (a publication's stores; see :meth:`_unpublished_frame`),
+        or head == tail with a stale frame there (an eviction that emptied
+        the ring).  In a finished append the frame at the tail has seq
+        ``oldest`` and frame ``newest`` ends at ``head``.  Returns the
+        repaired (head, tail, tail_next, oldest), already stored.
         """
         if self._is_settled(mapping, head, tail, oldest, newest):
             return head, tail, tail_next, oldest
-        ring_size = self.ring_size
         store = store_field
         if self._is_interrupted_emptying((head, tail, tail_next, oldest, newest)):
             oldest = 0
             store(mapping, OLDEST_FIELD, 0)
-        for _ in range(self._max_steps(oldest, newest)):
+        for _ in range(self._max_steps()):
             if oldest == 0:
                 break
             view = self._view_after_wrap(tail)
@@ -2354,28 +2353,50 @@ class LocalPool:
             store(mapping, TAIL_NEXT_FIELD, 0)
             tail = view[0].next_offset
             store(mapping, TAIL_FIELD, tail)
-        if newest:
-            view, offset = self._view_after_wrap(head)
-            if (view.found == FOUND_MESSAGE and view.seq == newest
-                    and view.next_offset != head and view.next_offset < ring_size):
-                if oldest == 0:
-                    oldest = newest
-                    store(mapping, OLDEST_FIELD, oldest)
-                    tail = offset
-                    store(mapping, TAIL_FIELD, tail)
-                tail_next = 0
-                store(mapping, TAIL_NEXT_FIELD, 0)
-                head = view.next_offset
-                store(mapping, HEAD_FIELD, head)
+        found = self._unpublished_frame(head, tail, oldest, newest)
+        if found is not None:
+            view, offset = found
+            tail_next = 0
+            store(mapping, TAIL_NEXT_FIELD, 0)
+            if oldest in (0, newest):  # an append into an empty ring: its frame is the tail
+                oldest = newest
+                store(mapping, OLDEST_FIELD, oldest)
+                tail = offset
+                store(mapping, TAIL_FIELD, tail)
+            head = view.next_offset
+            store(mapping, HEAD_FIELD, head)
         return head, tail, tail_next, oldest
+
+    def _unpublished_frame(self, head: int, tail: int, oldest: int, newest: int):
+        """Find message ``newest`` if a killed writer left its publication half done.
+
+        Returns (view, offset) or None.  The frame starts at ``head``, after
+        a wrap marker there, or at 0: an append into a ring it emptied puts
+        its frame at 0 when it wraps, and a frame longer than the old head
+        offset covers the wrap marker it has just written there.  A
+        published frame ends at the head and, when it is the only message,
+        starts at the tail (the ring was empty before it).
+        """
+        if not newest:
+            return None
+        view, offset = self._view_after_wrap(head)
+        if not (view.found == FOUND_MESSAGE and view.seq == newest):
+            view, offset = self.inspect_frame(0), 0
+        if not (view.found == FOUND_MESSAGE and view.seq == newest):
+            return None
+        if view.next_offset == head and oldest != 0 and (oldest != newest or tail == offset):
+            return None
+        return view, offset
 
     def _is_settled(self, mapping, head, tail, oldest, newest) -> bool:
         """Cheaply confirm the common case: the last append finished.
 
-        True when the tail frame is message ``oldest`` and the frame at the
-        head is not message ``newest``.  Anything unusual (a wrap at either
-        end, a full ring) answers False and gets the full check, so this
-        only saves time (two small reads instead of two frame inspections).
+        True when the tail frame is message ``oldest`` (and, when it is the
+        only message, ends at the head) and the frame at the head is not
+        message ``newest``.  Anything unusual (a wrap at either end, a full
+        ring, an empty ring that has had messages) answers False and gets
+        the full check, so this only saves time (two small reads instead of
+        two frame inspections).
         """
         ring_size = self.ring_size
         if oldest:
@@ -2384,6 +2405,10 @@ class LocalPool:
             magic, state, seq = FRAME_IDENTITY.unpack_from(mapping, self.ring_offset + tail)
             if magic != FRAME_MAGIC or state != STATE_COMMITTED or seq != oldest:
                 return False
+            if oldest == newest and self.inspect_frame(tail).next_offset != head:
+                return False  # its frame may cover the head (see _unpublished_frame)
+        elif newest:
+            return False  # only an interrupted append leaves a ring empty after its first
         if not newest:
             return True
         if ring_size - head < FRAME_HEADER.size:
@@ -2396,13 +2421,22 @@ class LocalPool:
         """True if ``state`` is an eviction that emptied the ring, killed before its last store.
 
         Such a header reads as a full ring (head == tail, oldest != 0) but
-        the frame at the tail is not message ``oldest``.
+        message ``oldest`` is not at the tail, nor after the older messages
+        found there: those are what an eviction from a ring that was really
+        full leaves when it is killed between its ``oldest`` and ``tail``
+        stores, and its surviving messages must stay.
         """
         head, tail, _tail_next, oldest, _newest = state
         if oldest == 0 or head != tail:
             return False
-        view = self._view_after_wrap(tail)[0]
-        return not (view.found == FOUND_MESSAGE and view.seq == oldest)
+        for _ in range(self._max_steps()):
+            view, tail = self._view_after_wrap(tail)
+            if view.found != FOUND_MESSAGE or view.seq > oldest:
+                return True
+            if view.seq == oldest:
+                return False
+            tail = view.next_offset
+        return True
 
     def _view_after_wrap(self, offset: int) -> tuple:
         """Inspect the frame at ``offset``, following one wrap; return (view, its offset)."""
@@ -2536,10 +2570,14 @@ class LocalPool:
         start = self.ring_offset + offset + FRAME_HEADER.size
         return self._mapping[start:start + payload_length]
 
-    def _max_steps(self, oldest: int, newest: int) -> int:
-        """Bound a walk over the ring: every live frame once, plus wrap hops."""
-        live = newest - oldest + 1 if oldest else 0
-        return min(live, self.ring_size // FRAME_HEADER.size) + 4
+    def _max_steps(self) -> int:
+        """Bound a walk over the ring: every frame it can hold once, plus wrap hops.
+
+        Not just the live frames: an eviction killed between its ``oldest``
+        and ``tail`` stores leaves the tail on the frames it evicted, and a
+        large frame can evict many small ones.
+        """
+        return self.ring_size // FRAME_OVERHEAD + 4
 
     def locate(self, seq: int, state: tuple):
         """Find the ring offset of message ``seq`` given a header ``state``.
@@ -2576,7 +2614,7 @@ class LocalPool:
         """
         offset = state[1]
         expected = None
-        for _ in range(self._max_steps(state[3], state[4])):
+        for _ in range(self._max_steps()):
             view = self.inspect_frame(offset)
             if view.found == FOUND_WRAP:
                 offset = 0
@@ -2905,7 +2943,7 @@ def validate_pool(pool: LocalPool) -> tuple:
     if oldest:
         offset = tail
         expected = oldest
-        for _ in range(2 * pool._max_steps(oldest, newest)):
+        for _ in range(2 * pool._max_steps()):
             if expected > newest:
                 break
             view = pool.inspect_frame(offset)
@@ -2949,9 +2987,8 @@ def validate_pool(pool: LocalPool) -> tuple:
             issues.append({"code": "corrupt", "message": "frame walk did not terminate",
                            "offset": offset, "seq": last_good_seq})
         if not issues and offset != head:
-            newest_view = pool._view_after_wrap(head)[0]
-            if (newest_view.found == FOUND_MESSAGE and newest_view.seq == newest
-                    and newest_view.next_offset == offset):
+            found = pool._unpublished_frame(head, tail, oldest, newest)
+            if found is not None and found[0].next_offset == offset:
                 # A publication killed between its newest and head stores.
                 warnings.append(INTERRUPTED_APPEND_WARNING)
             else:

@@ -1,9 +1,10 @@
-"""Cross-process behaviour: concurrent writers, followers, the file lock, killed writers."""
+"""Cross-process behaviour: concurrent writers, followers, the file lock.
+
+Killed writers and the long soak are the campaigns in test_campaigns.py.
+"""
 
 import json
 import os
-import random
-import signal
 import subprocess
 import sys
 import time
@@ -94,61 +95,6 @@ def test_append_waits_for_another_process_holding_the_flock(tmp_path):
     holder.wait(timeout=10)
     assert seq == 1
     assert appended_at >= released_at  # it blocked on the lock instead of racing the holder
-
-
-def check_pool_after_kill(path, previous_newest):
-    """The invariants a killed writer must leave intact; returns the new newest seq."""
-    with plasmite.LocalPool.open(path) as pool:
-        issues, last_good, _ = plasmite.validate_pool(pool)
-        assert issues == [], issues
-        bounds = pool.bounds()
-        newest = bounds[1] if bounds else pool.read_state()[4]
-        assert newest >= previous_newest
-        if bounds:
-            cursor = pool.cursor(bounds[0])
-            seqs = []
-            while True:
-                frame = cursor.next_frame()
-                if frame is None:
-                    break
-                message = plasmite.message_fields(frame)
-                assert message["data"]["k"] == "v" * (frame.seq % 50)
-                seqs.append(frame.seq)
-            assert seqs == list(range(bounds[0], bounds[1] + 1))
-            assert last_good == bounds[1]
-        seq, _ = pool.append(plasmite.encode_message(["after"], {"k": "v" * ((newest + 1) % 50)}))
-        assert seq == newest + 1
-        return seq
-
-
-def test_writer_killed_at_random_moments(tmp_path):
-    path = str(tmp_path / "crash.plasmite")
-    plasmite.LocalPool.create(path, 48 * 1024, None).close()
-    generator = random.Random(int(os.environ.get("PLASMITE_SEED", "11")))
-    kills = int(os.environ.get("PLASMITE_KILLS", "200"))
-    newest = 0
-    for _ in range(kills):
-        read_fd, write_fd = os.pipe()
-        child = os.fork()
-        if child == 0:  # the writer: append until killed
-            try:
-                os.close(read_fd)
-                pool = plasmite.LocalPool.open(path)
-                os.write(write_fd, b"r")
-                seq = pool.read_state()[4]
-                while True:
-                    seq += 1
-                    pool.append(plasmite.encode_message(["crash"], {"k": "v" * (seq % 50)}))
-            finally:
-                os._exit(0)
-        os.close(write_fd)
-        assert os.read(read_fd, 1) == b"r"
-        os.close(read_fd)
-        time.sleep(generator.random() * 0.01)
-        os.kill(child, signal.SIGKILL)
-        os.waitpid(child, 0)
-        newest = check_pool_after_kill(path, newest)
-    assert newest > kills
 
 
 def test_racing_creators_and_readers_never_see_a_half_made_pool(tmp_path):

@@ -3,6 +3,8 @@
 import hashlib
 import json
 import os
+import random
+import shutil
 import time
 
 import pytest
@@ -193,3 +195,152 @@ def test_fixture_files_are_the_shared_originals():
         expected = load_expected(name)
         with open(os.path.join(POOL_FIXTURES, name + ".plasmite"), "rb") as handle:
             assert hashlib.sha256(handle.read()).hexdigest() == expected["file_sha256"]
+
+
+# -- appends killed between their header stores (issue 6) ----------------------
+# A SIGKILL can land between any two of an append's header stores; raising
+# from store_field stops the append at the same point (the frame bytes before
+# that store are written, none after), and the file is what a killed writer
+# leaves.  The crash campaign (test_campaigns.py) kills real processes.
+
+class KilledWriter(Exception):
+    """Raised in place of a header store: the writer "dies" there."""
+
+
+def append_killed_before_store(pool, payload, store_number=None) -> int:
+    """Append ``payload``, dying just before header store ``store_number`` (0-based).
+
+    With None the append completes.  Returns the number of stores made.
+    """
+    original = plasmite.store_field
+    stores = []
+
+    def store_or_die(mapping, offset, value):
+        if len(stores) == store_number:
+            raise KilledWriter()
+        stores.append(offset)
+        original(mapping, offset, value)
+
+    plasmite.store_field = store_or_die
+    try:
+        pool.append(payload)
+    except KilledWriter:
+        pass
+    finally:
+        plasmite.store_field = original
+    return len(stores)
+
+
+def test_issue_6_eviction_killed_in_a_full_ring_keeps_the_survivors(tmp_path):
+    payload = plasmite.encode_message([], {"x": "y" * 20})
+    ring_size = 8 * plasmite.frame_length(len(payload))
+    with plasmite.LocalPool.create(tmp_path / "full.plasmite",
+                                   plasmite.ring_offset_for(0) + ring_size, 0) as pool:
+        for _ in range(11):
+            pool.append(payload)
+        head, tail, _tail_next, oldest, newest = pool.read_state()
+        assert head == tail and (oldest, newest) == (4, 11)  # exactly full
+        # Evicting seq 4 stores tail_next, oldest, tail: die before tail.
+        append_killed_before_store(pool, payload, 2)
+        assert pool.read_state()[1] == tail and pool.bounds() == (5, 11)
+        issues, last_good, warnings = plasmite.validate_pool(pool)
+        assert (issues, last_good, warnings) == ([], 11, [plasmite.INTERRUPTED_APPEND_WARNING])
+        assert [message["seq"] for message in read_all(pool, 5)] == list(range(5, 12))
+        assert pool.append(payload)[0] == 12
+        assert pool.bounds() == (5, 12)  # was (12, 12): the repair emptied the ring
+        assert [message["seq"] for message in read_all(pool, 5)] == list(range(5, 13))
+
+
+def test_issue_6_wrapping_append_into_an_emptied_ring_killed_while_publishing(tmp_path):
+    small = plasmite.encode_message([], {"n": 1})
+    ring_size = 4096
+    # Longer than the space left at the end, so it wraps to 0 and empties the
+    # ring, and longer than the old head, so it covers the wrap marker it
+    # wrote there: readers and the repair cannot find it through the head.
+    large = plasmite.encode_message([], {"pad": "x" * 3000})
+    path = tmp_path / "wrap.plasmite"
+    with plasmite.LocalPool.create(path, plasmite.ring_offset_for(0) + ring_size, 0) as pool:
+        for _ in range(3):
+            pool.append(small)
+    pristine = path.read_bytes()
+    with plasmite.LocalPool.open(path) as pool:
+        stores = append_killed_before_store(pool, large)
+        assert pool.bounds() == (4, 4) and pool.read_state()[1] == 0  # emptied, frame at 0
+    for store_number in range(stores):
+        path.write_bytes(pristine)
+        with plasmite.LocalPool.open(path) as pool:
+            append_killed_before_store(pool, large, store_number)
+            published = pool.read_state()[4] == 4
+            issues, _, _ = plasmite.validate_pool(pool)
+            assert issues == [], (store_number, issues)
+            assert pool.append(small)[0] == (5 if published else 4), store_number
+            issues, _, warnings = plasmite.validate_pool(pool)
+            assert issues == [] and plasmite.INTERRUPTED_APPEND_WARNING not in warnings
+            if published:  # a message whose seq was published is not lost by the repair
+                assert pool.bounds() == (4, 5), (store_number, pool.read_state())
+                assert pool.get(4).payload == large
+
+
+def test_issue_6_appends_killed_before_each_header_store(tmp_path):
+    """Random rings, an append killed before each of its header stores, then one more append.
+
+    After the kill the pool validates, every readable message is unchanged
+    and contiguous, and none that the finished append would have kept is
+    unreadable; the next append repairs the rest and evicts no more than it
+    would have after the finished append.
+    """
+    generator = random.Random(6)
+    path, copy = tmp_path / "base.plasmite", tmp_path / "killed.plasmite"
+
+    def readable(pool):
+        bounds = pool.bounds()
+        cursor = pool.cursor(bounds[0] if bounds else 1)
+        frames = iter(cursor.next_frame, None)
+        return {frame.seq: frame.payload for frame in frames}
+
+    for scenario in range(150):
+        sizes = generator.choice([(10, 10), (0, 200), (0, 2000), (500, 500)])
+        frame_count = generator.randint(3, 12)
+        ring_size = frame_count * plasmite.frame_length(len(plasmite.encode_message(
+            [], {"n": 0, "p": "x" * sizes[1]}))) + generator.choice([0, 8, 64, 200])
+        payloads = [plasmite.encode_message([], {"n": number, "p": "x" * generator.randint(*sizes)})
+                    for number in range(generator.randint(0, 40))]
+        killed = plasmite.encode_message([], {"p": "x" * generator.choice(
+            [generator.randint(*sizes), generator.randint(0, max(ring_size - 2200, 0))])})
+        repair = plasmite.encode_message([], {"p": "x" * generator.randint(*sizes)})
+        index_capacity = generator.choice([0, 4, None])
+        if path.exists():
+            path.unlink()
+        with plasmite.LocalPool.create(path, plasmite.ring_offset_for(index_capacity or 0)
+                                       + ring_size, index_capacity) as pool:
+            if len(killed) > pool.max_payload_length or len(repair) > pool.max_payload_length:
+                continue
+            for payload in payloads:
+                pool.append(payload)
+            before = readable(pool)
+        shutil.copyfile(path, copy)
+        with plasmite.LocalPool.open(copy) as pool:
+            stores = append_killed_before_store(pool, killed)
+            finished = readable(pool)
+            pool.append(repair)
+            reference_oldest = pool.bounds()[0]
+        kept = set(finished) - {max(finished)}
+        for store_number in range(stores):
+            shutil.copyfile(path, copy)
+            with plasmite.LocalPool.open(copy) as pool:
+                label = "scenario %d, killed before store %d of %d" % (scenario, store_number,
+                                                                       stores)
+                append_killed_before_store(pool, killed, store_number)
+                label += ", header %r" % (pool.read_state(),)
+                issues, _, _ = plasmite.validate_pool(pool)
+                assert issues == [], (label, issues)
+                seen = readable(pool)
+                for seq, payload in seen.items():
+                    assert payload == before.get(seq, finished.get(seq)), (label, seq)
+                assert not seen or sorted(seen) == list(range(min(seen), max(seen) + 1)), label
+                assert kept <= set(seen), (label, sorted(kept - set(seen)))
+                seq, _ = pool.append(repair)
+                issues, _, warnings = plasmite.validate_pool(pool)
+                assert issues == [] and plasmite.INTERRUPTED_APPEND_WARNING not in warnings, label
+                assert pool.get(seq).payload == repair, label
+                assert pool.bounds()[0] <= reference_oldest, (label, pool.bounds())
