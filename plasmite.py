@@ -11000,6 +11000,44 @@ def message_fields(frame: Frame) -> dict:
     return {"data": data, "meta": {"tags": tags}, "seq": frame.seq, "time": time_text}
 
 
+def _dump_big_message(message: dict) -> bytes:
+    """``dump_json(message).encode()`` for a message holding big strings, in less memory.
+
+    Each string of _BIG_STRING bytes or more is escaped on its own and replaced by a
+    placeholder before the rest is dumped, so the decoded string, its escaped text, the
+    whole JSON text and its bytes are never all alive at once: a 100 MB string peaks at
+    two copies instead of three (json joins its escaped chunk into the text).
+    """
+    token = "plasmite-big-" + os.urandom(16).hex()
+    pieces = []     # UTF-8 JSON of each big string; placeholder i stands for pieces[i]
+    containers = [message["data"]]
+    while containers:
+        container = containers.pop()
+        # Keys, not items: an items iterator keeps the last (key, value) pair alive.
+        for key in list(container) if isinstance(container, dict) else range(len(container)):
+            value = container[key]
+            if isinstance(value, (dict, list)):
+                containers.append(value)
+            elif isinstance(value, str) and len(value) >= _BIG_STRING:
+                escaped = _encode_json_string(value)
+                container[key] = "%s-%d" % (token, len(pieces))
+                del value
+                pieces.append(escaped.encode("utf-8"))
+                del escaped
+    text = dump_json(message).encode("utf-8")
+    markers = [b'"%s-%d"' % (token.encode(), index) for index in range(len(pieces))]
+    placed = sorted((text.find(marker), index) for index, marker in enumerate(markers))
+    if placed and placed[0][0] < 0:  # unreachable unless the data holds the random token
+        raise PlasmiteError("Internal", "big message placeholder not found")
+    parts, start = [], 0
+    for position, index in placed:
+        parts += (text[start:position], pieces[index])
+        start = position + len(markers[index])
+    parts.append(text[start:])
+    del pieces
+    return b"".join(parts)
+
+
 def _check_durability(durability) -> bool:
     """Return True for flush; accept Durability members or their strings."""
     if isinstance(durability, Durability):
@@ -11223,7 +11261,12 @@ class Pool:
     def get_json(self, seq: int) -> bytes:
         """Return message ``seq`` as JSON bytes; PlasmiteError NotFound if it is not in the pool."""
         _check_count("seq", seq, allow_none=False)
-        return dump_json(message_fields(self._local().get(seq))).encode("utf-8")
+        frame = self._local().get(seq)
+        if len(frame.payload) < _BIG_STRING:
+            return dump_json(message_fields(frame)).encode("utf-8")
+        message = message_fields(frame)
+        del frame   # the payload copy: from here on at most two copies are alive
+        return _dump_big_message(message)
 
     def get_lite3(self, seq: int) -> Lite3Frame:
         """Return message ``seq`` as a Lite3Frame (raw payload); NotFound if absent."""

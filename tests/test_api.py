@@ -37,6 +37,19 @@ def test_large_payloads(client):
     assert caught.value.kind == ErrorKind.USAGE and caught.value.hint
 
 
+def test_big_strings_render_exactly_as_small_ones(client):
+    # get_json escapes strings of 1 MiB and more on their own (to save memory); the
+    # bytes must be those of the ordinary rendering, wherever the strings sit.
+    pool = client.create_pool("huge", 32 * 1024 * 1024)
+    big = "\u00e9\"\\\n\u2603 " * (300 * 1024)
+    data = {"z": big, "a": [{"deep": big[::-1]}, 1.5e-7, "small"], "m": {"n": "x" * (1 << 20)}}
+    seq = parse_message(pool.append_json(json.dumps(data).encode(), ["t"]))["seq"]
+    raw = pool.get_json(seq)
+    expected = plasmite.dump_json(plasmite.message_fields(pool._local().get(seq))).encode()
+    assert raw == expected
+    assert parse_message(raw)["data"] == data
+
+
 def test_explicit_timestamp(client):
     pool = client.create_pool("t", 64 * 1024)
     message = parse_message(pool.append_json(b"{}", [], timestamp_ns=1700000000123456789))
