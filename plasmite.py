@@ -1740,6 +1740,78 @@ def _envelope_offsets(payload):
     return None
 
 
+def flat_message_json(payload):
+    """Return ``(data, tags)`` as serde_json text for a payload of the common shape, else None.
+
+    The common shape: the envelope encode_message writes, ``data`` one leaf node of
+    scalars with keys of under 63 bytes already seen, ``meta.tags`` one leaf node of
+    strings. The text equals dump_json of what decode_message returns, built straight
+    from the buffer (measured: a 6-key message's JSON line in 9.6 us instead of 11.4).
+    None sends the caller the general way, which also reports any damage as
+    decode_message would.
+    """
+    offsets = _envelope_offsets(payload)
+    if offsets is None:
+        return None
+    data = _flat_container_json(payload, offsets[0], LITE3_OBJECT)
+    if data is None:
+        return None
+    tags = _flat_container_json(payload, offsets[1], LITE3_ARRAY)
+    if tags is None or tags[1]:
+        return None
+    return data[0], tags[0]
+
+
+def _flat_container_json(payload, offset, kind):
+    """Return ``(json text, has non-strings)`` of a leaf container of scalars, else None."""
+    if payload[offset] != kind:     # else its node fits: _envelope_offsets checked
+        return None
+    fields = LITE3_NODE.unpack_from(payload, offset)
+    if fields[_GEN_TYPE] & 0xFF != kind or fields[_CHILDREN:] != _NO_CHILDREN:
+        return None
+    size = len(payload)
+    keys, texts = [], []
+    has_non_strings = False
+    try:
+        for entry in fields[_ENTRY_OFFSETS:_ENTRY_OFFSETS + (fields[_SIZE_COUNT] & 7)]:
+            if kind == LITE3_OBJECT:
+                tag = payload[entry]
+                value_offset = entry + 1 + (tag >> 2)
+                key = None if tag & 3 else _decoded_keys.get(payload[entry:value_offset])
+                if key is None:
+                    return None
+                keys.append(key)
+            else:
+                value_offset = entry
+            value_type = payload[value_offset]
+            if value_type == LITE3_STRING:
+                start = value_offset + 5
+                end = start + LITE3_U32.unpack_from(payload, value_offset + 1)[0] - 1
+                if not start <= end < size or end - start >= _BIG_STRING:
+                    return None
+                texts.append(_encode_json_string(payload[start:end].decode("utf-8")))
+                continue
+            has_non_strings = True
+            if value_type == LITE3_I64:
+                texts.append(int.__repr__(LITE3_I64_VALUE.unpack_from(payload, value_offset)[1]))
+            elif value_type == LITE3_F64:
+                texts.append(format_json_float(LITE3_F64_VALUE.unpack_from(payload, value_offset)[1]))
+            elif value_type == LITE3_BOOL:
+                texts.append("true" if payload[value_offset + 1] else "false")
+            elif value_type == LITE3_NULL:
+                texts.append("null")
+            else:
+                return None
+    except (IndexError, struct.error, UnicodeDecodeError, ValueError):
+        return None
+    if kind == LITE3_ARRAY:
+        return "[" + ",".join(texts) + "]", has_non_strings
+    if len(set(keys)) != len(keys):
+        return None
+    pairs = sorted(zip(keys, texts))
+    return "{" + ",".join(_encode_json_string(key) + ":" + text for key, text in pairs) + "}", True
+
+
 # =============================================================================
 # 5. Storage format
 # =============================================================================
@@ -9351,11 +9423,11 @@ def route_get_lite3(request: HttpRequest) -> Reply:
 
 
 def render_jsonl(frame) -> bytes:
-    return dump_json(message_fields(frame)).encode("utf-8") + b"\n"
+    return message_json(frame).encode("utf-8") + b"\n"
 
 
 def render_event(frame) -> bytes:
-    return b"event: message\ndata: " + dump_json(message_fields(frame)).encode("utf-8") + b"\n\n"
+    return b"event: message\ndata: " + message_json(frame).encode("utf-8") + b"\n\n"
 
 
 def render_lite3_frame(frame) -> bytes:
@@ -11000,6 +11072,23 @@ def message_fields(frame: Frame) -> dict:
     return {"data": data, "meta": {"tags": tags}, "seq": frame.seq, "time": time_text}
 
 
+def message_json(frame: Frame) -> str:
+    """Return ``dump_json(message_fields(frame))``, from the buffer when it can.
+
+    Raises PlasmiteError Corrupt when the payload is not a valid message.
+    """
+    texts = flat_message_json(frame.payload)
+    if texts is not None:
+        try:
+            time_text = format_timestamp(frame.timestamp_ns)
+        except ValueError:
+            texts = None
+    if texts is None:
+        return dump_json(message_fields(frame))
+    return '{"data":%s,"meta":{"tags":%s},"seq":%d,"time":"%s"}' % (
+        texts[0], texts[1], frame.seq, time_text)
+
+
 def _dump_big_message(message: dict) -> bytes:
     """``dump_json(message).encode()`` for a message holding big strings, in less memory.
 
@@ -11150,7 +11239,7 @@ class Stream:
         frame = self._next_frame()
         if frame is None:
             return None
-        return dump_json(message_fields(frame)).encode("utf-8")
+        return message_json(frame).encode("utf-8")
 
     def __iter__(self):
         while True:
@@ -11254,7 +11343,7 @@ class Pool:
                         "{\"tags\": [...]}}), such as the payload of get_lite3().")
             raise
         seq, timestamp_ns = local.append(payload, timestamp_ns, should_flush)
-        return dump_json(message_fields(Frame(seq, timestamp_ns, payload))).encode("utf-8")
+        return message_json(Frame(seq, timestamp_ns, payload)).encode("utf-8")
 
     # -- reading ------------------------------------------------------------
 
@@ -11263,7 +11352,7 @@ class Pool:
         _check_count("seq", seq, allow_none=False)
         frame = self._local().get(seq)
         if len(frame.payload) < _BIG_STRING:
-            return dump_json(message_fields(frame)).encode("utf-8")
+            return message_json(frame).encode("utf-8")
         message = message_fields(frame)
         del frame   # the payload copy: from here on at most two copies are alive
         return _dump_big_message(message)
@@ -11331,7 +11420,7 @@ class Pool:
                 if previous_ns is not None and speed > 0 and frame.timestamp_ns > previous_ns:
                     time.sleep((frame.timestamp_ns - previous_ns) / 1e9 / speed)
                 previous_ns = frame.timestamp_ns
-                yield dump_json(message_fields(Frame(*frame))).encode("utf-8")
+                yield message_json(Frame(*frame)).encode("utf-8")
 
     # -- information and lifetime -------------------------------------------
 
@@ -12584,6 +12673,7 @@ class PeekSession:
         self.last_seen = None
         self.pending_drop = None  # [last_seen_seq, next_seen_seq] of gaps not yet reported
         self.last_notice = None
+        self.is_every_message_wanted = not args.tag and matches is None
 
     # -- filtering and printing ------------------------------------------------
 
@@ -12597,6 +12687,15 @@ class PeekSession:
     def emit(self, message: dict) -> None:
         self.args.output.stream_item(message["data"] if self.args.data_only else message,
                                      self.is_pretty)
+        if self.timeout is not None:
+            self.deadline = time.monotonic() + self.timeout
+
+    def emit_frame(self, frame: Frame) -> None:
+        """emit() a message that no filter needs to see: JSON lines come from the buffer."""
+        if self.is_pretty or self.args.data_only:
+            self.emit(message_fields(frame))
+            return
+        sys.stdout.write(message_json(frame) + "\n")
         if self.timeout is not None:
             self.deadline = time.monotonic() + self.timeout
 
@@ -12627,21 +12726,25 @@ class PeekSession:
 
     # -- phases -----------------------------------------------------------------
 
-    def history(self, cursor: Cursor, newest: int):
-        """Yield (frame, message) for stored messages up to ``newest`` (the scan phase)."""
+    def history_frames(self, cursor: Cursor, newest: int):
+        """Yield the stored frames up to ``newest`` (the scan phase)."""
         while cursor.next_seq <= newest:
             frame = cursor.next_frame()
             if frame is None:
                 return
             self.note_seq(frame.seq)
+            yield frame
+
+    def history(self, cursor: Cursor, newest: int):
+        """Yield (frame, message) for stored messages up to ``newest``."""
+        for frame in self.history_frames(cursor, newest):
             yield frame, message_fields(frame)
 
     def run(self) -> int:
         args = self.args
         pool = self.pool
         newest = pool.read_state()[4]
-        is_every_message_wanted = not args.tag and self.matches is None
-        if args.tail > 0 and is_every_message_wanted:
+        if args.tail > 0 and self.is_every_message_wanted:
             # The last N are all the history needed.
             cursor = pool.cursor(max(1, newest - args.tail + 1))
         elif args.tail > 0 or self.since_ns is not None:
@@ -12651,11 +12754,11 @@ class PeekSession:
         if args.replay is not None:
             return self.replay(cursor, newest)
         kept = None
-        if args.tail > 0 and is_every_message_wanted and not args.one:
+        if args.tail > 0 and self.is_every_message_wanted and not args.one:
             # Printed as read: holding 100,000 decoded messages first cost a quarter of
             # the time (allocation and garbage collection), measured on --tail 100000.
-            for _frame, message in self.history(cursor, newest):
-                self.emit(message)
+            for frame in self.history_frames(cursor, newest):
+                self.emit_frame(frame)
         elif args.tail > 0:
             import collections
 
@@ -12701,6 +12804,11 @@ class PeekSession:
                 pool.wait_for_seq(cursor.next_seq, wait)
                 continue
             self.note_seq(frame.seq)
+            if kept is None and self.is_every_message_wanted:
+                self.emit_frame(frame)
+                if args.one:
+                    return 0
+                continue
             message = message_fields(frame)
             if not self.is_wanted(message):
                 continue

@@ -271,3 +271,44 @@ def test_dropped_count_when_lapped(client):
     seqs = [parse_message(raw)["seq"] for raw in stream]
     assert seqs == list(range(seqs[0], 201))
     assert stream.dropped_count == seqs[0] - 1 > 0
+
+
+def _rendering(frame, render):
+    try:
+        return render(frame), None
+    except plasmite.PlasmiteError as err:
+        return None, (err.kind, err.message)
+
+
+def test_message_json_equals_the_general_rendering():
+    # message_json builds common messages' JSON straight from the buffer; whatever the
+    # message (or the damage), it must answer exactly as dump_json(message_fields()).
+    import random
+
+    generator = random.Random(7)
+
+    def value(depth=0):
+        if depth < 2 and generator.random() < 0.15:
+            if generator.random() < 0.5:
+                return {"k%d" % generator.randrange(9): value(depth + 1) for _ in range(generator.randrange(8))}
+            return [value(depth + 1) for _ in range(generator.randrange(8))]
+        return generator.choice([None, True, False, 0, -1, 2 ** 63 - 1, -2 ** 63, 2 ** 64 - 1, 1.5, -0.0,
+                                 1e-7, 1e16, 1e300, "", "é\"\\\n\t\x01", "\u2028", "k" * 70])
+
+    def general(frame):
+        return plasmite.dump_json(plasmite.message_fields(frame))
+
+    fast = 0
+    for number in range(3000):
+        data = {generator.choice(["a", "id", "é", "", "k" * generator.randrange(1, 80)]): value()
+                for _ in range(generator.randrange(9))}
+        tags = [generator.choice(["t", "é", "", "x" * 70]) for _ in range(generator.randrange(9))]
+        payload = bytearray(plasmite.encode_message(tags, data))
+        plasmite.message_fields(plasmite.Frame(1, 0, bytes(payload)))  # the decoder learns the keys
+        if number % 2:
+            for _ in range(generator.randrange(1, 4)):
+                payload[generator.randrange(len(payload))] = generator.randrange(256)
+        frame = plasmite.Frame(number + 1, 1795000000123456789 + number, bytes(payload))
+        fast += plasmite.flat_message_json(frame.payload) is not None
+        assert _rendering(frame, plasmite.message_json) == _rendering(frame, general), (number, data, tags)
+    assert fast > 500   # the buffer path did most of the common shapes
