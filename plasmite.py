@@ -12707,7 +12707,8 @@ class PeekSession:
             else:
                 self.pending_drop[1] = seq
         self.last_seen = seq
-        self.report_drops()
+        if self.pending_drop is not None:
+            self.report_drops()
 
     def report_drops(self) -> None:
         """Print the pending drop notice, at most one per second (spec/cli.md 4)."""
