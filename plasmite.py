@@ -1641,9 +1641,9 @@ def _encode_envelope(tags, data) -> bytes:
 # The buffer up to data's node: the root node, 2 bytes that align the node (§5), the
 # "data" key entry and an empty object node. ("data" hashes below "meta", so it comes
 # first in the root node.)
-_ENVELOPE_START = bytes(98) + _DATA_KEY + _EMPTY_NODES[LITE3_OBJECT]
-_ENVELOPE_DATA_ENTRY = 98
-_ENVELOPE_DATA_NODE = 98 + len(_DATA_KEY)
+_ENVELOPE_DATA_ENTRY = LITE3_NODE.size + 2
+_ENVELOPE_START = bytes(_ENVELOPE_DATA_ENTRY) + _DATA_KEY + _EMPTY_NODES[LITE3_OBJECT]
+_ENVELOPE_DATA_NODE = _ENVELOPE_DATA_ENTRY + len(_DATA_KEY)
 
 
 def validate_lite3_message(buffer) -> None:
@@ -2783,9 +2783,9 @@ class LocalPool:
         ``timeout`` in seconds (None waits forever).  Polls the header with an
         adaptive sleep instead of spinning: 50 us doubling up to a cap that follows
         the pool's pace, 1/50 of the time since a message last arrived, between 1 ms
-        and 20 ms.  A busy pool is seen within about a millisecond (p50 0.5 ms at
-        200 messages/s); an idle follower wakes 50 times a second, about 0.1% of a
-        core.  ``stop_event`` (a threading.Event) ends the wait early and returns
+        and 20 ms.  A busy pool is seen within about a millisecond (another process's
+        append: p50 0.7 ms, p99 1.3 ms at 200 messages/s); an idle follower wakes 50
+        times a second, 0.2-0.3% of a core (tests/bench/run.py, rows 5).  ``stop_event`` (a threading.Event) ends the wait early and returns
         False; so does KeyboardInterrupt, which propagates.
         """
         mapping = self._check_open()
@@ -8536,7 +8536,7 @@ ERROR_STATUSES = {"Usage": 400, "NotFound": 404, "AlreadyExists": 409, "Busy": 4
 _BIND_PATTERN = r"(?:\[([^\]]*)\]|([0-9.]+)):([0-9]+)"
 _SHELL_SAFE = r"[A-Za-z0-9/_\-.:=]*"
 _PEM_BLOCK = rb"(?s)-----BEGIN ([A-Z0-9 ]+)-----(.*?)-----END \1-----"
-_CHUNK_SIZE_PATTERN = rb"[0-9A-Fa-f]{1,16}"  # at most 2**64 - 1, as upstream's u64
+_CHUNK_SIZE = LazyPattern(rb"[0-9A-Fa-f]{1,16}")  # at most 2**64 - 1, as upstream's u64
 _PRIVATE_KEY_LABELS = (b"PRIVATE KEY", b"RSA PRIVATE KEY", b"EC PRIVATE KEY")
 # Log text escapes control characters (and backslashes), as http.server does.
 _LOG_ESCAPES = {code: "\\x%02x" % code for code in list(range(0x20)) + list(range(0x7F, 0xA0))}
@@ -9137,7 +9137,7 @@ def _read_chunked_body(rfile, limit: int) -> bytes:
         if not line:
             raise ConnectionError("request body ended early")
         size_text = line.split(b";", 1)[0].strip()
-        if not re.fullmatch(_CHUNK_SIZE_PATTERN, size_text):
+        if not _CHUNK_SIZE.fullmatch(size_text):
             raise text_rejection(400, "Failed to buffer the request body: invalid chunk size",
                                  should_close=True)
         size = int(size_text, 16)
